@@ -1,0 +1,647 @@
+"""
+The DeepSeek-V3 model (technical report arXiv 2412.19437), in one file beside moe.py.
+
+    ModelArgs, preset()       every dimension, named as in the paper; named sizes from CPU demo to V3
+    precompute_rope, YaRN     decoupled RoPE on qk_rope_head_dim only, YaRN for long context   2.1.1, 4.3
+    MLA                       Multi-head Latent Attention, eqs. 1-11, with a latent KV cache     2.1.1
+                              and weight absorption for decoding
+    Block                     MLA + (dense SwiGLU MLP | DeepSeekMoE from moe.py), pre-norm      2.1
+    MTPModule                 one multi-token prediction depth, eqs. 21-24                      2.2
+    Transformer               embedding, blocks, final norm, output head, D MTP modules, eq. 25
+    count_params              total / activated / MTP parameter counts, on the meta device
+    from_pretrained           builds the model from a Hugging Face-format DeepSeek-V3 checkpoint
+
+Implementation switches, as module-level choices so tests can hold one path against the other:
+    attn_impl = "absorb" | "naive"   how decoding attends over the latent cache (training always runs
+                                     the naive path through scaled_dot_product_attention)
+    moe.expert_impl = "grouped" | "loop"
+
+Seams for later work: every Linear inside the blocks is built by `linear_cls(args)`, so FP8 swaps
+in there (fp8.py); the MoE layer takes a dispatcher (comm.py); `Block.forward` is attention then
+feed-forward, and MoE.forward is gate -> dispatch -> experts -> combine, the pieces a pipeline
+schedule overlaps (dualpipe.py).
+
+Simplified against the paper: no tensor parallelism; the attention core is PyTorch's
+scaled_dot_product_attention; the router runs in FP32 (as in the paper, 3.3.1) but so do its norms.
+"""
+
+import json
+import math
+import os
+import struct
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe import ATTENTION, MATMULS, MLP, MoE, recompute
+
+attn_impl = "absorb"  # decoding over the latent cache: "absorb" (W^UK, W^UV folded in) or "naive"
+
+# On the GPU choose the attention kernel deliberately: cuDNN takes MLA's shapes (q/k head dim 192,
+# v head dim 128) as they are and is the fastest; flash refuses unequal head dims.
+SDPA_BACKENDS = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION, torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+                 torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION, torch.nn.attention.SDPBackend.MATH]
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 2048
+    dim: int = 192                  # d, hidden size
+    inter_dim: int = 512            # dense SwiGLU MLP hidden size
+    moe_inter_dim: int = 128        # hidden size of each expert
+    n_layers: int = 4
+    n_dense_layers: int = 1         # the first blocks use a dense MLP instead of MoE
+    n_heads: int = 4                # n_h
+    # MLA (2.1.1)
+    q_lora_rank: int = 96           # d'_c; 0 means a plain query projection (V2-Lite)
+    kv_lora_rank: int = 64          # d_c
+    qk_nope_head_dim: int = 32      # d_h
+    qk_rope_head_dim: int = 16      # d^R_h
+    v_head_dim: int = 32
+    # DeepSeekMoE (2.1.2)
+    n_routed_experts: int = 8       # N_r
+    n_shared_experts: int = 1       # N_s
+    n_activated_experts: int = 2    # K_r
+    n_expert_groups: int = 4        # groups (nodes in V3) the routed experts are split into
+    n_limited_groups: int = 2       # M: groups a token may be routed to
+    route_scale: float = 1.0        # scales the normalized gates (2.5 in V3)
+    balance_alpha: float = 1e-4     # alpha, sequence-wise balance loss weight
+    # MTP (2.2)
+    n_mtp: int = 1                  # D, prediction depth
+    mtp_lambda: float = 0.3         # lambda, MTP loss weight (train.py schedules it)
+    # RoPE and YaRN (4.3)
+    max_seq_len: int = 1024
+    original_seq_len: int = 4096    # context length the RoPE frequencies were trained for
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0       # YaRN scale s, used when max_seq_len > original_seq_len
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0             # sqrt(t) = 0.1 * mscale * ln(s) + 1
+    # everything else
+    norm_eps: float = 1e-6
+    init_std: float = 0.006
+    recompute: bool = False         # recompute RMSNorms and MLA up-projections in backward (3.2.3)
+    fp8: bool = False               # FP8 GEMMs inside the blocks (fp8.py)
+
+    def __post_init__(self):
+        check(self.n_heads > 0, "n_heads", self.n_heads, "a positive number of attention heads")
+        check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim,
+              "an even number (RoPE rotates pairs)")
+        check(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers", self.n_dense_layers,
+              f"0..n_layers={self.n_layers}")
+        check(self.n_routed_experts % self.n_expert_groups == 0, "n_expert_groups", self.n_expert_groups,
+              f"a divisor of n_routed_experts={self.n_routed_experts}")
+        check(1 <= self.n_limited_groups <= self.n_expert_groups, "n_limited_groups", self.n_limited_groups,
+              f"1..n_expert_groups={self.n_expert_groups}")
+        per_group = self.n_routed_experts // self.n_expert_groups
+        if self.n_expert_groups > 1:
+            check(per_group >= 2, "n_expert_groups", self.n_expert_groups,
+                  "at most n_routed_experts/2 groups (a group is scored by its two best experts)")
+        eligible = per_group * self.n_limited_groups
+        check(1 <= self.n_activated_experts <= eligible, "n_activated_experts", self.n_activated_experts,
+              f"1..{eligible} (the experts in the n_limited_groups={self.n_limited_groups} kept groups)")
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelArgs key(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+def check(ok, name, value, allowed):
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
+
+
+PRESETS = {
+    # The CPU demo: about 3M parameters, learns Shakespeare in a few minutes on 2 cores.
+    "nano": dict(),
+    # One GPU, in the spirit of the 1B MoE of the auxiliary-loss-free paper (arXiv 2408.15664).
+    "small": dict(vocab_size=8192, dim=1024, inter_dim=2816, moe_inter_dim=512, n_layers=10, n_dense_layers=1,
+                  n_heads=8, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                  v_head_dim=128, n_routed_experts=64, n_shared_experts=2, n_activated_experts=6,
+                  n_expert_groups=8, n_limited_groups=4, route_scale=1.0, max_seq_len=2048),
+    # The released shapes, for reference (config.json of each model on the Hugging Face hub).
+    "v2-lite": dict(vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=27, n_dense_layers=1,
+                    n_heads=16, q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                    v_head_dim=128, n_routed_experts=64, n_shared_experts=2, n_activated_experts=6,
+                    n_expert_groups=1, n_limited_groups=1, route_scale=1.0, n_mtp=0, max_seq_len=163840,
+                    rope_factor=40.0, mscale=0.707),
+    "v3": dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=61, n_dense_layers=3,
+               n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+               v_head_dim=128, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8,
+               n_expert_groups=8, n_limited_groups=4, route_scale=2.5, n_mtp=1, max_seq_len=163840,
+               rope_factor=40.0, mscale=1.0),
+}
+
+
+def preset(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+    return ModelArgs.from_dict({**PRESETS[name], **overrides})
+
+
+def linear_cls(args):
+    """The Linear used inside the blocks: BF16/FP32 nn.Linear, or FP8 (3.3) when args.fp8."""
+    if not args.fp8:
+        return nn.Linear
+    from fp8 import FP8Linear
+    return FP8Linear
+
+
+# -----------------------------------------------------------------------------
+# Rotary embedding on the decoupled RoPE dims, with YaRN (4.3)
+
+def yarn_correction_range(args, dim):
+    """The pair indices where YaRN's ramp starts (beta_fast) and ends (beta_slow)."""
+    def pair_index(n_rotations):  # the pair that turns n_rotations times over original_seq_len
+        return dim * math.log(args.original_seq_len / (n_rotations * 2 * math.pi)) / (2 * math.log(args.rope_theta))
+    low = math.floor(pair_index(args.beta_fast))
+    high = math.ceil(pair_index(args.beta_slow))
+    return max(low, 0), min(high, dim // 2 - 1)
+
+
+def rope_frequencies(args):
+    """theta_i = base^(-2i/d); YaRN keeps the fast pairs, divides the slow ones by the factor s."""
+    dim = args.qk_rope_head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (dim/2,)
+    if args.max_seq_len > args.original_seq_len:
+        low, high = yarn_correction_range(args, dim)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        freqs = freqs * (1 - ramp) + freqs / args.rope_factor * ramp  # ramp 0: keep, 1: interpolate
+    return freqs
+
+
+def precompute_rope(args):
+    """cos and sin tables, (max_seq_len, qk_rope_head_dim/2) each, in FP32."""
+    t = torch.arange(args.max_seq_len, dtype=torch.float64)
+    angles = torch.outer(t, rope_frequencies(args))
+    return angles.cos().float(), angles.sin().float()
+
+
+def fp32_or_wider(x):
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate consecutive pairs (x0, x1), (x2, x3), ... as in the released weights. x: (B, T, H, R)."""
+    x1, x2 = fp32_or_wider(x).unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, R/2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, R/2)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def softmax_scale(args):
+    scale = (args.qk_nope_head_dim + args.qk_rope_head_dim) ** -0.5
+    if args.max_seq_len > args.original_seq_len:  # YaRN's attention temperature, on both q and k
+        scale *= (0.1 * args.mscale * math.log(args.rope_factor) + 1.0) ** 2
+    return scale
+
+
+def sdpa(q, k, v, mask, scale):
+    """softmax(q k^T * scale + mask) v; q, k: (B, H, T, d_qk), v: (B, H, S, d_v); mask None = causal."""
+    if q.is_cuda:
+        with torch.nn.attention.sdpa_kernel(SDPA_BACKENDS, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+
+
+# -----------------------------------------------------------------------------
+# Multi-head Latent Attention (2.1.1)
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention with its pre-norm.
+
+    Keys and values come from one compressed latent c_kv (eq. 1) plus one RoPE key shared by all
+    heads (eq. 3); queries from their own latent c_q (eq. 6). Decoding caches only the normed c_kv
+    and the rotated k_rope: kv_lora_rank + qk_rope_head_dim numbers per token per layer.
+    """
+
+    def __init__(self, args):
+        super().__init__()
+        Linear = linear_cls(args)
+        self.args = args
+        H, qk_head_dim = args.n_heads, args.qk_nope_head_dim + args.qk_rope_head_dim
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        if args.q_lora_rank > 0:
+            self.w_dq = Linear(args.dim, args.q_lora_rank, bias=False)  # W^DQ
+            self.q_norm = nn.RMSNorm(args.q_lora_rank, eps=args.norm_eps)
+            self.w_uq = Linear(args.q_lora_rank, H * qk_head_dim, bias=False)  # W^UQ and W^QR, per head
+        else:
+            self.w_q = Linear(args.dim, H * qk_head_dim, bias=False)
+        self.w_dkv = Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim, bias=False)  # W^DKV and W^KR
+        self.kv_norm = nn.RMSNorm(args.kv_lora_rank, eps=args.norm_eps)
+        self.w_ukv = Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim), bias=False)  # W^UK, W^UV
+        self.w_o = Linear(H * args.v_head_dim, args.dim, bias=False)  # W^O
+        self.scale = softmax_scale(args)
+
+    def down(self, x):
+        """Pre-norm and down-projections: c_q (B, T, d'_c) and [c_kv, k_rope] (B, T, d_c + d^R_h)."""
+        h = self.norm(x)
+        q = self.w_dq(h) if self.args.q_lora_rank > 0 else self.w_q(h)
+        return q, self.w_dkv(h)
+
+    def queries(self, q, cos, sin):
+        """[q^C; q^R] per head (eqs. 7-8): (B, T, H, d_h) and (B, T, H, d^R_h) rotated."""
+        a = self.args
+        if a.q_lora_rank > 0:
+            q = self.w_uq(self.q_norm(q))
+        q_nope, q_rope = q.unflatten(-1, (a.n_heads, -1)).split([a.qk_nope_head_dim, a.qk_rope_head_dim], -1)
+        return q_nope, apply_rope(q_rope, cos, sin)
+
+    def latents(self, kv, cos, sin):
+        """c_kv normed (B, T, d_c) and k_rope rotated (B, T, d^R_h): what the cache holds."""
+        c_kv, k_rope = kv.split([self.args.kv_lora_rank, self.args.qk_rope_head_dim], -1)
+        return self.kv_norm(c_kv), apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+
+    def attend_naive(self, q_nope, q_rope, c_kv, k_rope, mask):
+        """Up-project keys and values (eqs. 2, 4, 5) and attend: (B, T, H, d_v)."""
+        a = self.args
+        B, S, _ = c_kv.shape
+        k_nope, v = self.w_ukv(c_kv).unflatten(-1, (a.n_heads, -1)).split([a.qk_nope_head_dim, a.v_head_dim], -1)
+        q = torch.cat([q_nope, q_rope], -1)  # (B, T, H, d_h + d^R_h)
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, S, a.n_heads, -1)], -1)  # (B, S, H, d_h + d^R_h)
+        o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)  # (B, H, T, d_v)
+        return o.transpose(1, 2)
+
+    def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
+        """Attend in the latent space: W^UK folds into the query, W^UV into the output. (B, T, H, d_v)."""
+        a = self.args
+        w_ukv = self.w_ukv.weight.unflatten(0, (a.n_heads, -1))  # (H, d_h + d_v, d_c)
+        w_uk, w_uv = w_ukv.split([a.qk_nope_head_dim, a.v_head_dim], 1)
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk.to(q_nope.dtype))  # (B, T, H, d_c)
+        scores = (torch.einsum("bthc,bsc->bhts", q_latent, c_kv.to(q_latent.dtype))
+                  + torch.einsum("bthr,bsr->bhts", q_rope, k_rope.to(q_rope.dtype)))
+        scores = fp32_or_wider(scores) * self.scale
+        if mask is None:  # causal over the whole sequence
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
+        p = scores.masked_fill(~mask, float("-inf")).softmax(-1).type_as(c_kv)  # (B, H, T, S)
+        o_latent = torch.einsum("bhts,bsc->bthc", p, c_kv)  # (B, T, H, d_c)
+        return torch.einsum("bthc,hdc->bthd", o_latent, w_uv.to(o_latent.dtype))
+
+    def attend(self, q, kv, cos, sin, start_pos, cache):
+        q_nope, q_rope = self.queries(q, cos, sin)
+        c_kv, k_rope = self.latents(kv, cos, sin)
+        if cache is None:
+            return self.attend_naive(q_nope, q_rope, c_kv, k_rope, None)
+        B, T, _ = c_kv.shape
+        end = start_pos + T
+        cache["c_kv"][:B, start_pos:end] = c_kv
+        cache["k_rope"][:B, start_pos:end] = k_rope
+        c_kv, k_rope = cache["c_kv"][:B, :end], cache["k_rope"][:B, :end]
+        mask = torch.ones(T, end, dtype=torch.bool, device=c_kv.device).tril(start_pos)  # new token t sees <= start_pos + t
+        attend = self.attend_absorbed if attn_impl == "absorb" else self.attend_naive
+        return attend(q_nope, q_rope, c_kv, k_rope, mask)
+
+    def forward(self, x, cos, sin, start_pos=0, cache=None):
+        # Recompute (3.2.3): the RMSNorm outputs are not stored, and neither are the up-projected
+        # queries, keys and values; only the latents and the attention output are.
+        q, kv = recompute(self.down, x, keep=MATMULS, enabled=self.args.recompute)
+        o = recompute(self.attend, q, kv, cos, sin, start_pos, cache, keep=ATTENTION,
+                      enabled=self.args.recompute)  # (B, T, H, d_v)
+        return self.w_o(o.flatten(2))
+
+
+class DenseFFN(nn.Module):
+    """Pre-norm and a dense SwiGLU MLP: the feed-forward of the first n_dense_layers blocks."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.mlp = MLP(args.dim, args.inter_dim, linear_cls(args))
+
+    def forward(self, x):
+        return recompute(lambda x: self.mlp(self.norm(x)), x, keep=MATMULS, enabled=self.args.recompute)
+
+
+class Block(nn.Module):
+    """x + MLA(norm(x)), then + FFN(norm(x)): dense for the first n_dense_layers, MoE after."""
+
+    def __init__(self, layer_id, args):
+        super().__init__()
+        self.attn = MLA(args)
+        self.ffn = DenseFFN(args) if layer_id < args.n_dense_layers else MoE(args)
+
+    def forward(self, x, cos, sin, start_pos=0, cache=None):
+        x = x + self.attn(x, cos, sin, start_pos, cache)
+        return x + self.ffn(x)
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k (eqs. 21-23): combine h^{k-1}_i with Emb(t_{i+k}), one block.
+
+    The projection M_k takes [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], embedding first, the order
+    of the released weights (eq. 21 writes the two halves the other way round).
+    """
+
+    def __init__(self, layer_id, args):
+        super().__init__()
+        self.e_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.h_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.proj = nn.Linear(2 * args.dim, args.dim, bias=False)  # M_k
+        self.block = Block(layer_id, args)  # TRM_k
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)  # before the shared output head
+
+    def forward(self, h_prev, emb, cos, sin):
+        h = self.proj(torch.cat([self.e_norm(emb), self.h_norm(h_prev)], -1))  # (B, T-k, D)
+        return self.block(h, cos, sin)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(args.n_layers + k, args) for k in range(args.n_mtp))
+        cos, sin = precompute_rope(args)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """Every learnable matrix ~ N(0, init_std) (0.006 in the paper, 4.2); norms 1; biases b 0."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=self.args.init_std)
+            else:
+                nn.init.ones_(p)
+        for moe in self.moe_layers():
+            moe.gate.bias.zero_()
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        return from_pretrained(path, **overrides)
+
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def forward(self, idx, targets=None, start_pos=0, cache=None, lam=None):
+        """idx: (B, T) token ids. Returns logits (B, T, V) and, given targets (B, T), the losses:
+        loss = main + lam * mean_k(MTP loss k) + balance (eq. 25, and eq. 17 summed over MoE layers)."""
+        B, T = idx.shape
+        if start_pos + T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.args.max_seq_len}")
+        cos, sin = self.cos[start_pos:start_pos + T], self.sin[start_pos:start_pos + T]
+        emb = self.embed(idx)  # (B, T, D)
+        h = emb
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, start_pos, None if cache is None else cache[i])
+        logits = self.head(self.norm(h))  # (B, T, V)
+        if targets is None:
+            return logits
+        main = F.cross_entropy(fp32_or_wider(logits).flatten(0, 1), targets.flatten(), ignore_index=-1)
+        mtp = []
+        for k, module in enumerate(self.mtp, start=1):
+            # depth k: position i sees h^{k-1}_i and token t_{i+k}, and predicts t_{i+k+1}
+            h = module(h[:, :-1], emb[:, k:], cos[:T - k], sin[:T - k])  # (B, T-k, D)
+            logits_k = self.head(module.norm(h))
+            mtp.append(F.cross_entropy(fp32_or_wider(logits_k).flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1))
+        mtp = torch.stack(mtp).mean() if mtp else main.new_zeros(())
+        balance = sum((m.balance_loss for m in self.moe_layers()), main.new_zeros(()))
+        lam = self.args.mtp_lambda if lam is None else lam
+        return logits, dict(loss=main + lam * mtp + balance, main=main, mtp=mtp, balance=balance)
+
+    def new_cache(self, batch_size, max_len=None, dtype=None, device=None):
+        """Latent KV cache: per layer the normed c_kv and the rotated k_rope, nothing else."""
+        a, p = self.args, self.head.weight
+        max_len = max_len or a.max_seq_len
+        make = lambda n: torch.zeros(batch_size, max_len, n, dtype=dtype or p.dtype, device=device or p.device)  # noqa: E731
+        return [dict(c_kv=make(a.kv_lora_rank), k_rope=make(a.qk_rope_head_dim)) for _ in range(a.n_layers)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=None):
+        """Yields one new token id (B,) at a time, decoding over the latent KV cache."""
+        B, T = idx.shape
+        cache = self.new_cache(B, min(T + max_new_tokens, self.args.max_seq_len))
+        logits = self(idx, cache=cache)[:, -1]
+        for pos in range(T, T + max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p)  # (B,)
+            yield nxt
+            if (eot is not None and bool((nxt == eot).all())) or pos + 1 > self.args.max_seq_len - 1:
+                return
+            logits = self(nxt[:, None], start_pos=pos, cache=cache)[:, -1]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token per row from (B, V) logits; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix with mass >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# Parameter counts
+
+def count_params(args):
+    """Parameters by kind, without allocating weights: total and activated per token exclude MTP."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    total = mtp = routed = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp."):
+            mtp += p.numel()
+            continue
+        total += p.numel()
+        if ".experts." in name:
+            routed += p.numel()
+    embed = model.embed.weight.numel()
+    # Activated per token: a token reads one row of the embedding table, so the table does not
+    # count (the convention that gives V3 37B and V2-Lite 2.4B), and K_r of the N_r routed experts.
+    activated = total - embed - routed + routed * args.n_activated_experts // args.n_routed_experts
+    return dict(total=total, activated=activated, mtp=mtp, embedding=embed, output_head=model.head.weight.numel())
+
+
+# -----------------------------------------------------------------------------
+# Loading a Hugging Face-format DeepSeek-V3 checkpoint (config.json + *.safetensors)
+
+# config.json key -> ModelArgs field
+HF_KEYS = dict(vocab_size="vocab_size", hidden_size="dim", intermediate_size="inter_dim",
+               moe_intermediate_size="moe_inter_dim", num_hidden_layers="n_layers",
+               first_k_dense_replace="n_dense_layers", num_attention_heads="n_heads", q_lora_rank="q_lora_rank",
+               kv_lora_rank="kv_lora_rank", qk_nope_head_dim="qk_nope_head_dim",
+               qk_rope_head_dim="qk_rope_head_dim", v_head_dim="v_head_dim", n_routed_experts="n_routed_experts",
+               n_shared_experts="n_shared_experts", num_experts_per_tok="n_activated_experts",
+               n_group="n_expert_groups", topk_group="n_limited_groups", routed_scaling_factor="route_scale",
+               num_nextn_predict_layers="n_mtp", max_position_embeddings="max_seq_len", rope_theta="rope_theta",
+               rms_norm_eps="norm_eps", initializer_range="init_std")
+# Keys that must hold one of these values, because that is all this model implements.
+HF_FIXED = dict(hidden_act=("silu",), scoring_func=("sigmoid",), topk_method=("noaux_tc",),
+                norm_topk_prob=(True,), attention_bias=(False,), moe_layer_freq=(1,), tie_word_embeddings=(False,),
+                rope_interleave=(True,), mlp_bias=(False,))
+# Keys that do not change the model's computation.
+HF_IGNORED = {"architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
+              "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "attention_dropout",
+              "quantization_config", "ep_size", "pretraining_tp", "aux_loss_alpha", "seq_aux", "initializer_range",
+              "num_key_value_heads", "head_dim", "output_router_logits", "router_aux_loss_coef", "_name_or_path",
+              "rope_parameters", "rope_scaling", "chunk_size_feed_forward", "output_attentions",
+              "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type", "tokenizer_class",
+              "is_encoder_decoder", "tie_encoder_decoder", "add_cross_attention", "layer_types"}
+
+
+def args_from_hf_config(cfg, **overrides):
+    """ModelArgs from a released config.json dict; an unknown key or unsupported value is an error."""
+    d = {}
+    for key, value in cfg.items():
+        if key in HF_KEYS:
+            d[HF_KEYS[key]] = value
+        elif key in HF_FIXED:
+            check(value in HF_FIXED[key], key, value, f"one of {HF_FIXED[key]}")
+        elif key not in HF_IGNORED:
+            raise ValueError(f"unknown config.json key {key!r}; known keys: {sorted({*HF_KEYS, *HF_FIXED, *HF_IGNORED})}")
+    if d.get("q_lora_rank") is None:
+        d["q_lora_rank"] = 0
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if rope.get("rope_theta") is not None:
+        d["rope_theta"] = rope["rope_theta"]
+    rope_type = rope.get("type", rope.get("rope_type", "default"))
+    check(rope_type in ("yarn", "default"), "rope_scaling.type", rope_type, "'yarn' or none")
+    if rope_type == "yarn":
+        d.update(original_seq_len=rope["original_max_position_embeddings"], rope_factor=rope["factor"],
+                 beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1),
+                 mscale=rope.get("mscale", 1.0))
+        check(rope.get("mscale_all_dim", rope.get("mscale", 1.0)) == rope.get("mscale", 1.0),
+              "rope_scaling.mscale_all_dim", rope.get("mscale_all_dim"), "equal to rope_scaling.mscale")
+    else:
+        d["original_seq_len"] = d.get("max_seq_len", 4096)
+    d.setdefault("n_mtp", 0)
+    d["init_std"] = ModelArgs.init_std
+    d.update(overrides)
+    return ModelArgs.from_dict(d)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32}
+
+
+def read_safetensors(path):
+    """{name: tensor} from one .safetensors file: 8-byte header length, JSON header, raw data."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = bytearray(f.read())
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; supported: {sorted(SAFETENSORS_DTYPES)}")
+        start, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        t = torch.frombuffer(data, dtype=torch.uint8, offset=start, count=end - start) if end > start else torch.empty(0, dtype=torch.uint8)
+        out[name] = t.view(dtype).reshape(info["shape"]).clone()
+    return out
+
+
+def dequantize_fp8(w, scale_inv, block=128):
+    """FP8 weight with one scale per 128x128 block (the released format) -> FP32."""
+    s = scale_inv.float().repeat_interleave(block, 0)[:w.shape[0]].repeat_interleave(block, 1)[:, :w.shape[1]]
+    return w.float() * s
+
+
+def hf_to_ours(name, args):
+    """Released key -> (our key, expert index or None). None for keys we do not use."""
+    name = name.removeprefix("model.")
+    renames = [("embed_tokens.", "embed."), ("lm_head.", "head."), ("self_attn.", "attn."),
+               ("input_layernorm.", "attn.norm."), ("post_attention_layernorm.", "ffn.norm."),
+               ("q_a_proj.", "w_dq."), ("q_a_layernorm.", "q_norm."), ("q_b_proj.", "w_uq."), ("q_proj.", "w_q."),
+               ("kv_a_proj_with_mqa.", "w_dkv."), ("kv_a_layernorm.", "kv_norm."), ("kv_b_proj.", "w_ukv."),
+               ("o_proj.", "w_o."), ("mlp.gate.e_score_correction_bias", "ffn.gate.bias"), ("mlp.gate.", "ffn.gate."),
+               ("mlp.shared_experts.", "ffn.shared."), ("mlp.experts.", "ffn.experts."), ("mlp.", "ffn.mlp."),
+               ("gate_proj.", "w1."), ("down_proj.", "w2."), ("up_proj.", "w3.")]
+    if name == "norm.weight":
+        return "norm.weight", None
+    for old, new in renames:
+        name = name.replace(old, new)
+    parts = name.split(".")
+    if parts[0] == "layers" and int(parts[1]) >= args.n_layers:  # the MTP modules follow the main layers
+        k = int(parts[1]) - args.n_layers
+        if k >= args.n_mtp:
+            return None, None
+        rest = ".".join(parts[2:])
+        mtp_renames = {"enorm.weight": "e_norm.weight", "hnorm.weight": "h_norm.weight", "eh_proj.weight": "proj.weight",
+                       "shared_head.norm.weight": "norm.weight"}
+        if rest in mtp_renames:
+            return f"mtp.{k}.{mtp_renames[rest]}", None
+        if rest.startswith(("embed.", "shared_head.")):  # shared with the main model
+            return None, None
+        name = f"mtp.{k}.block.{rest}"
+    if ".experts." in name:  # layers.L.ffn.experts.E.w1.weight -> layers.L.ffn.experts.w1, expert E
+        head, tail = name.split(".experts.")
+        e, w, _ = tail.split(".")
+        return f"{head}.experts.{w}", int(e)
+    return name, None
+
+
+def load_hf_state_dict(path, args):
+    """Our state dict from the checkpoint's *.safetensors, FP8 blocks dequantized to FP32."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {path}")
+    raw = {}
+    for f in files:
+        raw.update(read_safetensors(os.path.join(path, f)))
+    state, experts = {}, {}
+    for name, t in raw.items():
+        if name.endswith("weight_scale_inv"):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            scale = raw.get(name + "_scale_inv")
+            if scale is None:
+                raise ValueError(f"FP8 tensor {name} has no {name}_scale_inv")
+            t = dequantize_fp8(t, scale)
+        ours, e = hf_to_ours(name, args)
+        if ours is None:
+            continue
+        if e is None:
+            state[ours] = t.float()
+        else:
+            experts.setdefault(ours, {})[e] = t.float()
+    for name, per_expert in experts.items():
+        state[name] = torch.stack([per_expert[e] for e in range(len(per_expert))])
+    return state
+
+
+def from_pretrained(path, **overrides):
+    """A Transformer built from a Hugging Face-format DeepSeek-V3 checkpoint directory (config.json,
+    *.safetensors with the released key names; BF16, FP32, or FP8 with 128x128 block scales)."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"{config} not found: from_pretrained needs a directory with config.json and *.safetensors")
+    with open(config) as f:
+        args = args_from_hf_config(json.load(f), **overrides)
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = load_hf_state_dict(path, args)
+    model.load_state_dict(state, strict=True, assign=True)
+    cos, sin = precompute_rope(args)
+    model.cos, model.sin = cos, sin
+    for moe in model.moe_layers():
+        moe.load = torch.zeros(args.n_routed_experts)
+    return model
+
+
+
+if __name__ == "__main__":
+    import sys
+    name = sys.argv[1] if len(sys.argv) > 1 else "nano"
+    args = preset(name)
+    print(f"preset {name}: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
+    for k, v in count_params(args).items():
+        print(f"{k:>12}: {v:>16,} ({v / 1e9:.2f}B)")

@@ -1,0 +1,247 @@
+"""
+DeepSeekMoE with auxiliary-loss-free load balancing (DeepSeek-V3 report, arXiv 2412.19437, section 2.1.2).
+
+    h'_t  = u_t + sum_i FFN^(s)_i(u_t) + sum_i g_it FFN^(r)_i(u_t)                    eq. 12
+    s_it  = sigmoid(u_t^T e_i)                                                         eq. 15
+    g'_it = s_it  if  s_it + b_i  is in the top K_r of {s_jt + b_j}, else 0           eq. 16
+    g_it  = g'_it / sum_j g'_jt   (times route_scale, 2.5 in V3)                       eq. 13
+    b_i  += gamma * sign(mean_load - load_i)   after each step (no gradient)           2.1.2
+    L_Bal = alpha * sum_i f_i P_i,  per sequence                                       eqs. 17-20
+
+Pieces, top to bottom:
+    MLP             the SwiGLU expert (also the dense FFN of the first blocks, and the shared experts)
+    Gate            the router: sigmoid affinities s, the bias b used only to choose, group (node)
+                    limited selection, normalized gates g
+    LocalDispatcher moves each token to its K experts on this process (sort by expert) and back
+    Experts         the routed experts' weights stacked as [E, out, in], one grouped GEMM each
+    MoE             norm -> gate -> dispatch -> experts -> combine, plus shared experts
+    update_bias     the auxiliary-loss-free bias update, with MaxVio as the balance metric
+    recompute       selective activation recomputation (section 3.2.3), shared with model.py
+
+Seams for later work: `Experts` is where FP8 grouped GEMMs plug in (fp8.py); the dispatcher is
+an object with `dispatch` / `combine`, so expert parallelism (comm.py) swaps in an all-to-all
+version without touching the layer; `MoE.forward` is a short sequence of calls that a pipeline
+scheduler can cut into attention / dispatch / experts / combine pieces.
+
+Simplified: no token is ever dropped (neither does V3); the router runs in FP32.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+# Routed experts: "grouped" runs one torch._grouped_mm per weight; "loop" is its plain twin.
+expert_impl = "grouped"
+
+# -----------------------------------------------------------------------------
+# Selective activation recomputation (3.2.3): inside a region only the outputs of the ops named in
+# `keep` are stored for backward; everything else (RMSNorms, RoPE, casts, and whatever GEMM is not
+# kept) is recomputed from the region's inputs when backward reaches it.
+
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten._grouped_mm.default}
+ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default}
+
+
+def recompute(fn, *args, keep=frozenset(), enabled=True):
+    """fn(*args), storing for backward only the outputs of the ops in `keep`."""
+    if not (enabled and torch.is_grad_enabled()):
+        return fn(*args)
+
+    def policy(ctx, op, *a, **kw):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=lambda: create_selective_checkpoint_contexts(policy))
+
+
+def compute_dtype(x):
+    """The dtype GEMMs run in: autocast's where it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+# -----------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). One expert, the shared experts, or a dense FFN."""
+
+    def __init__(self, dim, inter_dim, linear=nn.Linear):
+        super().__init__()
+        self.w1 = linear(dim, inter_dim, bias=False)  # gate_proj
+        self.w2 = linear(inter_dim, dim, bias=False)  # down_proj
+        self.w3 = linear(dim, inter_dim, bias=False)  # up_proj
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """The router: chooses K_r experts per token and their gates (eqs. 13, 15, 16)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.topk = args.n_activated_experts
+        self.n_groups = args.n_expert_groups
+        self.topk_groups = args.n_limited_groups
+        self.route_scale = args.route_scale
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))  # centroids e_i
+        # b_i: steers selection only, updated by update_bias(), never by the optimizer.
+        self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def affinities(self, h):
+        """s_it = sigmoid(u_t . e_i), in FP32 whatever autocast says (the router stays precise)."""
+        with torch.autocast(h.device.type, enabled=False):
+            dtype = torch.promote_types(h.dtype, torch.float32)
+            return torch.sigmoid(F.linear(h.to(dtype), self.weight.to(dtype)))  # (N, E)
+
+    def route(self, s):
+        """Top-K_r experts by s + b within the best groups; gates from the unbiased s."""
+        N, E = s.shape
+        biased = s + self.bias  # (N, E)
+        if self.n_groups > 1:
+            # Node-limited routing: a group's score is the sum of its two best biased affinities;
+            # only the best `topk_groups` groups stay eligible.
+            grouped = biased.view(N, self.n_groups, E // self.n_groups)  # (N, G, E/G)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G)
+            kept = group_score.topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
+            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, kept, False)
+            biased = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(N, E)
+        idx = biased.topk(self.topk, dim=-1).indices  # (N, K)
+        g = s.gather(1, idx)  # (N, K): unbiased affinities of the chosen experts
+        g = g / g.sum(-1, keepdim=True) * self.route_scale
+        return idx, g
+
+    def forward(self, h):
+        s = self.affinities(h)
+        idx, g = self.route(s)
+        return s, idx, g
+
+
+class LocalDispatcher:
+    """Token movement when every routed expert lives on this process.
+
+    dispatch: (h (N, D), idx (N, K)) -> x (N*K, D) sorted by expert, counts (E,), handle
+    combine:  (y (N*K, D) in the sorted order, handle) -> y (N*K, D) in the (token, k) order
+    comm.py's all-to-all dispatcher keeps this interface, with counts for its local experts.
+    """
+
+    def __init__(self, n_experts):
+        self.n_experts = n_experts
+
+    def dispatch(self, h, idx):
+        K = idx.shape[1]
+        flat = idx.flatten()  # (N*K,) expert of each (token, k) pair
+        order = flat.argsort(stable=True)  # pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
+        return h[order // K], counts, order
+
+    def combine(self, y, order):
+        return torch.empty_like(y).index_copy_(0, order, y)
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts with weights stacked [E, out, in] (the Linear layout, per expert)."""
+
+    def __init__(self, n_experts, dim, inter_dim):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def forward(self, x, counts):
+        """x: (M, D) rows sorted by expert, counts: (E,) rows per expert -> (M, D)."""
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
+        if expert_impl == "grouped" and grouped_mm_runs(x, w1):
+            offs = counts.cumsum(0).to(torch.int32)  # row end of each expert's group
+            mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)  # noqa: E731
+            return mm(F.silu(mm(x, w1)) * mm(x, w3), w2)
+        out, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            xe = x[start:start + n]
+            out.append((F.silu(xe @ w1[e].T) * (xe @ w3[e].T)) @ w2[e].T)
+            start += n
+        return torch.cat(out)
+
+
+def grouped_mm_runs(x, w):
+    """torch._grouped_mm takes FP32/BF16/FP16 on the CPU and on Hopper, with 16-byte aligned rows."""
+    aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
+    device_ok = x.device.type == "cpu" or (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned and device_ok
+
+
+class MoE(nn.Module):
+    """A DeepSeekMoE layer with its pre-norm: x -> sum of shared and gated routed experts (eq. 12)."""
+
+    def __init__(self, args, dispatcher=None):
+        super().__init__()
+        self.args = args
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.gate = Gate(args)
+        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim)
+        self.shared = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
+        self.dispatcher = dispatcher or LocalDispatcher(args.n_routed_experts)
+        # Tokens routed to each expert since the last update_bias(): the "load" of 2.1.2.
+        self.register_buffer("load", torch.zeros(args.n_routed_experts), persistent=False)
+        self.balance_loss = None
+
+    def norm_score_share(self, x):
+        h = self.norm(x)
+        s = self.gate.affinities(h)
+        shared = self.shared(h) if self.shared is not None else torch.zeros_like(h)
+        return h, s, shared
+
+    def forward(self, x):
+        B, T, D = x.shape
+        # The RMSNorm output is not stored: only the GEMM outputs in this region are.
+        h, s, shared = recompute(self.norm_score_share, x.view(B * T, D), keep=MATMULS,
+                                 enabled=self.args.recompute)
+        idx, g = self.gate.route(s)  # (N, K), (N, K)
+        if torch.is_grad_enabled():  # a training step: count the load for update_bias()
+            self.load += torch.bincount(idx.flatten(), minlength=self.load.numel())
+        self.balance_loss = sequence_balance_loss(s.view(B, T, -1), idx.view(B, T, -1), self.args.balance_alpha)
+        xs, counts, handle = self.dispatcher.dispatch(h, idx)  # (N*K, D) sorted by expert
+        ys = self.experts(xs, counts)  # (N*K, D)
+        y = self.dispatcher.combine(ys, handle).view(B * T, -1, D)  # (N, K, D)
+        y = (y * g.unsqueeze(-1).to(y.dtype)).sum(1)  # (N, D)
+        return (y + shared).view(B, T, D)
+
+
+def sequence_balance_loss(s, idx, alpha):
+    """Complementary sequence-wise balance loss, eqs. 17-20, averaged over the batch's sequences.
+
+    s: (B, T, E) affinities, idx: (B, T, K) the experts actually chosen. f carries no gradient.
+    """
+    B, T, E = s.shape
+    K = idx.shape[-1]
+    chosen = torch.zeros(B, E, device=s.device).scatter_add_(1, idx.view(B, -1), torch.ones(B, T * K, device=s.device))
+    f = chosen * E / (K * T)  # (B, E)  eq. 18
+    P = (s / s.sum(-1, keepdim=True)).mean(1)  # (B, E)  eqs. 19-20
+    return alpha * (f * P).sum(-1).mean()  # eq. 17
+
+
+@torch.no_grad()
+def update_bias(moe_layers, gamma, all_reduce=None):
+    """b_i += gamma * sign(mean_load - load_i) per layer; returns each layer's MaxVio.
+
+    Call after the optimizer step. `all_reduce` sums the loads over every rank first, so the
+    update sees the whole global batch (data or expert parallel); one process needs none.
+    MaxVio = max_i load_i / mean_i load_i - 1 (the balance metric of the aux-loss-free paper).
+    """
+    maxvio = []
+    for moe in moe_layers:
+        load = moe.load.clone()
+        if all_reduce is not None:
+            all_reduce(load)
+        mean = load.mean()
+        moe.gate.bias += gamma * torch.sign(mean - load)
+        maxvio.append((load.max() / mean - 1).item() if mean > 0 else 0.0)
+        moe.load.zero_()
+    return maxvio
