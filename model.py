@@ -492,7 +492,7 @@ HF_IGNORED = {"architectures", "auto_map", "model_type", "transformers_version",
               "num_key_value_heads", "head_dim", "output_router_logits", "router_aux_loss_coef", "_name_or_path",
               "rope_parameters", "rope_scaling", "chunk_size_feed_forward", "output_attentions",
               "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type", "tokenizer_class",
-              "is_encoder_decoder", "tie_encoder_decoder", "add_cross_attention", "layer_types"}
+              "is_encoder_decoder", "tie_encoder_decoder", "add_cross_attention", "layer_types", "qk_head_dim"}
 
 
 def args_from_hf_config(cfg, **overrides):
@@ -589,14 +589,19 @@ def hf_to_ours(name, args):
     return name, None
 
 
-def load_hf_state_dict(path, args):
-    """Our state dict from the checkpoint's *.safetensors, FP8 blocks dequantized to FP32."""
+def read_checkpoint(path):
+    """All tensors of a checkpoint directory's *.safetensors files, by released name."""
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path}")
     raw = {}
     for f in files:
         raw.update(read_safetensors(os.path.join(path, f)))
+    return raw
+
+
+def hf_state_dict(raw, args):
+    """Our state dict from released tensors, FP8 blocks dequantized, experts stacked, all FP32."""
     state, experts = {}, {}
     for name, t in raw.items():
         if name.endswith("weight_scale_inv"):
@@ -620,22 +625,24 @@ def load_hf_state_dict(path, args):
 
 def from_pretrained(path, **overrides):
     """A Transformer built from a Hugging Face-format DeepSeek-V3 checkpoint directory (config.json,
-    *.safetensors with the released key names; BF16, FP32, or FP8 with 128x128 block scales)."""
+    *.safetensors with the released key names; BF16, FP32, or FP8 with 128x128 block scales).
+    The MTP modules (layers num_hidden_layers and on) load when the checkpoint has them."""
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
         raise FileNotFoundError(f"{config} not found: from_pretrained needs a directory with config.json and *.safetensors")
     with open(config) as f:
         args = args_from_hf_config(json.load(f), **overrides)
+    raw = read_checkpoint(path)
+    mtp_layers = {int(k.split(".")[2]) for k in raw if k.startswith("model.layers.")} - set(range(args.n_layers))
+    args = ModelArgs.from_dict({**asdict(args), "n_mtp": min(args.n_mtp, len(mtp_layers))})
     with torch.device("meta"):
         model = Transformer(args)
-    state = load_hf_state_dict(path, args)
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(hf_state_dict(raw, args), strict=True, assign=True)
     cos, sin = precompute_rope(args)
     model.cos, model.sin = cos, sin
     for moe in model.moe_layers():
         moe.load = torch.zeros(args.n_routed_experts)
     return model
-
 
 
 if __name__ == "__main__":
