@@ -1,0 +1,762 @@
+"""
+Fine-grained FP8 training, as DeepSeek-V3 does it (arXiv 2412.19437, section 3.3 and Appendix B).
+
+Read this file top to bottom: the format, the scales, the GEMM with promotion, why promotion is
+needed (an emulated tensor core), then the Linear layer whose three GEMMs all run in FP8, and the
+routed experts' grouped version.
+
+The format (3.3.2, "Mantissa over Exponents")
+=============================================
+float8_e4m3fn: 1 sign bit, 4 exponent bits (bias 7), 3 mantissa bits, no infinities.
+  largest finite value 448, smallest normal 2^-6, subnormals down to 2^-9.
+  Between two powers of two there are only 8 values, so rounding to nearest moves a normal number
+  by at most 2^-4 = 6.25% of itself. The other format, E5M2, trades a mantissa bit for range;
+  DeepSeek-V3 uses E4M3 for every tensor (activations, weights and gradients alike) and gets the
+  range back from scales instead.
+
+Scales, and why they are fine-grained (3.3.2, "Fine-Grained Quantization")
+==========================================================================
+A tensor is stored as x_fp8 = x / s with s = max|x| / 448 (FP32), so the largest element lands on
+448 and x ~= x_fp8 * s. With one s for the whole tensor, a single outlier (LLM activations have
+channels 100x larger than the rest) sets s, and every ordinary element is pushed down into the
+subnormals or to zero. The fix is many scales, each over a small group:
+  - activations: one scale per token per 128 channels, 1x128 tiles. Outliers then only hurt the
+    127 neighbours that share their tile.
+  - weights: one scale per 128x128 block. Weights are smooth enough for that, and a square block
+    stays a block when the matrix is transposed: the backward pass multiplies by W^T and uses the
+    very same FP8 bytes and scales, transposed, with no second quantization.
+  - the 128 of the tiles is also the K-interval of the promotion below: inside one K-block both
+    operands have constant scales, so the tensor cores can multiply raw FP8 values and the scales
+    are applied once per block.
+Scales are FP32 here (optionally rounded up to a power of two, so that x/s is exact in binary).
+
+Promotion to FP32 (3.3.2, "Increasing Accumulation Precision")
+===============================================================
+An FP8 GEMM on Hopper's tensor cores (WGMMA) keeps its running sum with only about 14 significant
+bits, not FP32's 24. Over K = 4096 the lost low bits add up: the paper measured relative errors of
+nearly 2%. DeepSeek-V3 therefore lets the tensor cores sum one K-block of 128 (four WGMMAs), moves
+that partial result to FP32 registers on the CUDA cores, multiplies it by the block's two scales
+(activation tile scale x weight block scale) and adds it to an FP32 accumulator:
+
+    acc_fp32 += (A_blk @ B_blk^T) * s_a[:, k] * s_b[:, k]     for each K-block k of 128
+
+fp8_gemm below does exactly this (a Triton kernel; a plain-torch loop as its twin). The section
+"Why promotion" emulates a 14-bit accumulator to show the error it removes.
+
+The Linear layer (3.3.1, Figure 6) and low-precision storage (3.3.3)
+====================================================================
+y = x W^T has three GEMMs, and all three take FP8 inputs and produce BF16/FP32 outputs:
+    Fprop  y  = x  W^T     x in 1x128 tiles (over K), W in 128x128 blocks
+    Dgrad  dx = dy W       dy in 1x128 tiles (over N), W^T: the same blocks, transposed
+    Wgrad  dW = dy^T x     contraction over tokens, so dy^T and x^T are tiled 1x128 along the
+                           token dimension (128x1 tiles of dy and x)
+The input x is saved for the backward pass in FP8 with its scales (3.3.3: "cache the activations
+in FP8"), half the bytes of BF16; the backward dequantizes it and requantizes it along tokens for
+Wgrad. Master weights, weight gradients and optimizer states stay in FP32/BF16 as the model holds
+them: FP8 is a property of the GEMMs only.
+
+What stays in BF16/FP32 (3.3.1): the embedding, the output head, the MoE router (gating), the
+normalizations, and the attention core (softmax(QK^T)V). FP8Linear is for the Linear layers
+inside the blocks: attention projections, dense MLPs, shared and routed experts.
+
+Paths, and the switches that pick them
+======================================
+gemm_impl  = "auto" | "triton" | "scaled_mm" | "torch"    (like gemm_impl in DeepSeek's model.py)
+quant_impl = "auto" | "triton" | "torch"
+  triton:    our kernels (GPU; on the CPU through TRITON_INTERPRET=1).
+  scaled_mm: torch._scaled_mm, which reaches cuBLAS's blockwise FP8 GEMM (1x128 x 128x128 and
+             1x128 x 1x128) on Hopper. It also promotes per 128 in K.
+  torch:     plain torch, the reference twin and the CPU path: quantize and dequantize exactly as
+             the GPU does, multiply each 128-deep K-block in FP32 and promote. On the CPU FP8Linear
+             runs this emulated path, so tests and `--fp8=True` work there too, slowly.
+  auto:      scaled_mm on CUDA where cuBLAS takes the shapes, else triton; torch on the CPU.
+             (bench.py fp8 times both on the GPU; the faster one is the default.)
+
+Simplified here: every FP8 tensor is E4M3 with FP32 scales (no E5M6 for the attention output's
+cached input, no FP8 dispatch traffic, no BF16 optimizer moments); the routed experts' GEMMs are a
+grouped Triton kernel or a loop over experts; feature dimensions must be multiples of 128.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # a CPU-only install: the torch paths below still work
+    HAS_TRITON = False
+
+gemm_impl = "auto"    # "auto" | "triton" | "scaled_mm" | "torch"
+quant_impl = "auto"   # "auto" | "triton" | "torch"
+pow2_scales = False   # FP8Linear's choice: round scales up to powers of two
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0       # largest finite E4M3 value
+BLOCK = 128           # tile length along K, and the promotion interval
+EPS = 1e-12           # floor on max|x|: an all-zero tile gets a tiny scale, not 0/0
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_multiple(n, what, block_size=BLOCK):
+    if n % block_size:
+        raise ValueError(f"fp8: {what} = {n} is not a multiple of {block_size}; the FP8 tiles and "
+                         f"blocks are {block_size} long, so pad the dimension or use a plain Linear")
+
+
+def _use_triton(x, impl):
+    if impl == "auto":
+        return x.is_cuda and HAS_TRITON
+    if impl == "triton" and not HAS_TRITON:
+        raise RuntimeError("fp8: Triton is not installed; use the 'torch' path")
+    return impl == "triton"
+
+# -----------------------------------------------------------------------------
+# 1. Quantization: 1x128 tiles for activations, 128x128 blocks for weights (3.3.2)
+
+
+def _scale_from_amax(amax, pow2=False):
+    s = amax.float().clamp(min=EPS) / FP8_MAX
+    if pow2:  # round up to a power of two: add a mantissa's worth, keep the exponent bits
+        s = ((s.view(torch.int32) + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+    return s
+
+
+def act_quant_ref(x, block_size=BLOCK, pow2=False):
+    """Plain torch: 1x128 tiles along the last dim. Returns x_fp8 (..., K) and s (..., K/128)."""
+    _check_multiple(x.shape[-1], "last dim of the activation", block_size)
+    xb = x.float().unflatten(-1, (-1, block_size))                 # (..., K/128, 128)
+    s = _scale_from_amax(xb.abs().amax(-1), pow2)                  # (..., K/128)
+    x_fp8 = (xb / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x_fp8.flatten(-2), s                                    # (..., K)
+
+
+def weight_quant_ref(w, block_size=BLOCK, pow2=False):
+    """Plain torch: 128x128 blocks. w (..., N, K) -> w_fp8 (..., N, K), s (..., N/128, K/128)."""
+    N, K = w.shape[-2:]
+    _check_multiple(N, "weight rows (out_features)", block_size)
+    _check_multiple(K, "weight columns (in_features)", block_size)
+    wb = w.float().unflatten(-1, (-1, block_size)).unflatten(-3, (-1, block_size))  # (.., N/128, 128, K/128, 128)
+    s = _scale_from_amax(wb.abs().amax(dim=(-3, -1)), pow2)        # (..., N/128, K/128)
+    w_fp8 = (wb / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return w_fp8.flatten(-4, -3).flatten(-2), s                    # (..., N, K)
+
+
+def act_dequant(x_fp8, s, block_size=BLOCK):
+    return (x_fp8.float().unflatten(-1, (-1, block_size)) * s[..., None]).flatten(-2)
+
+
+def weight_dequant(w_fp8, s, block_size=BLOCK):
+    return w_fp8.float() * s.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)
+
+
+def act_quant_t_ref(x, x_s=None, block_size=BLOCK, pow2=False):
+    """128x1 tiles: x (M, K) -> x^T quantized along tokens, (K, Mp) and scales (K, Mp/128).
+    The token count is zero-padded to Mp, a multiple of 128 (zeros add nothing to dy^T x).
+    With x_s, x is an FP8 tensor in 1x128 tiles that is dequantized first (the FP8 cache)."""
+    x = x.float() if x_s is None else act_dequant(x, x_s, block_size)
+    M = x.shape[0]
+    x = F.pad(x, (0, 0, 0, -M % block_size))                       # (Mp, K)
+    return act_quant_ref(x.t(), block_size, pow2)                  # (K, Mp), (K, Mp/128)
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _scale_of(amax, POW2: tl.constexpr):
+        s = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)     # IEEE division, same bits as torch
+        if POW2:
+            s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+        return s
+
+    @triton.jit
+    def _act_quant_kernel(x_ptr, y_ptr, s_ptr, M, stride_xm, stride_ym, stride_sm, stride_sk,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, POW2: tl.constexpr):
+        # one program: BLOCK_M rows x one 128-wide tile
+        pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (offs_m < M)[:, None]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        s = _scale_of(tl.max(tl.abs(x), axis=1), POW2)                          # (BLOCK_M,)
+        y = tl.clamp(tl.math.div_rn(x, s[:, None]), -448.0, 448.0)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + offs_m * stride_sm + pid_k * stride_sk, s, mask=offs_m < M)
+
+    @triton.jit
+    def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, stride_w, stride_y, stride_sn, stride_sk,
+                             BLOCK_K: tl.constexpr, POW2: tl.constexpr):
+        # one program: one 128x128 block
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_k[None, :]).to(tl.float32)
+        s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
+        y = tl.clamp(tl.math.div_rn(w, s), -448.0, 448.0)
+        tl.store(y_ptr + offs_n[:, None] * stride_y + offs_k[None, :], y.to(y_ptr.dtype.element_ty))
+        tl.store(s_ptr + pid_n * stride_sn + pid_k * stride_sk, s)
+
+    @triton.jit
+    def _act_quant_t_kernel(x_ptr, xs_ptr, y_ptr, s_ptr, rows_ptr, M, stride_xm, stride_xsm, stride_xsk,
+                            stride_yk, stride_smb, HAS_XS: tl.constexpr, GROUPED: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr,
+                            POW2: tl.constexpr):
+        # one program: 128 tokens x BLOCK_K channels, quantized per channel over the 128 tokens,
+        # written transposed: y[k, m]. Rows past the end read as 0 and become the zero padding.
+        pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+        if GROUPED:  # rows (2, blocks): first and end source row of each block (groups padded apart)
+            row0 = tl.load(rows_ptr + pid_m)
+            row_end = tl.load(rows_ptr + tl.num_programs(0) + pid_m)
+        else:
+            row0, row_end = pid_m * BLOCK_M, M
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_m = offs_m < row_end
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        x = x.to(tl.float32)
+        if HAS_XS:  # dequantize the cached 1x128 FP8 tiles (BLOCK_K divides QBLOCK: one scale a row)
+            xs = tl.load(xs_ptr + offs_m * stride_xsm + (pid_k * BLOCK_K // QBLOCK) * stride_xsk,
+                         mask=mask_m, other=0.0)
+            x = x * xs[:, None]
+        s = _scale_of(tl.max(tl.abs(x), axis=0), POW2)                          # (BLOCK_K,)
+        y = tl.clamp(tl.math.div_rn(x, s[None, :]), -448.0, 448.0)
+        offs_out = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(y_ptr + offs_k[None, :] * stride_yk + offs_out[:, None], y.to(y_ptr.dtype.element_ty))
+        tl.store(s_ptr + pid_m * stride_smb + offs_k, s)
+
+
+def _mmajor_empty(M, KB, device):
+    """Scales (M, KB) stored M-major, the layout cuBLAS's 1x128 scaling reads."""
+    return torch.empty(KB, M, dtype=torch.float32, device=device).t()
+
+
+def act_quant(x, block_size=BLOCK, pow2=False, out_dtype=FP8):
+    """1x128 tiles along the last dim: x (..., K) -> x_fp8 (..., K), s (..., K/128) in FP32,
+    with s = max|x|/448 per tile and x_fp8 = x / s. out_dtype=float32 keeps x/s unrounded (used
+    to check the kernel under the Triton interpreter, whose FP8 cast is not exact)."""
+    if not _use_triton(x, quant_impl):
+        y, s = act_quant_ref(x, block_size, pow2)
+        return y.to(out_dtype) if out_dtype != FP8 else y, s
+    K = x.shape[-1]
+    _check_multiple(K, "last dim of the activation", block_size)
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, K, dtype=out_dtype, device=x.device)
+    s = _mmajor_empty(M, K // block_size, x.device)                # (M, K/128), M-major
+    if M == 0:
+        return y.view(x.shape), s.view(*x.shape[:-1], K // block_size)
+    BLOCK_M = 64
+    grid = (triton.cdiv(M, BLOCK_M), K // block_size)
+    _act_quant_kernel[grid](x2, y, s, M, x2.stride(0), y.stride(0), s.stride(0), s.stride(1),
+                            BLOCK_M=BLOCK_M, BLOCK_K=block_size, POW2=pow2, num_warps=4)
+    return y.view(x.shape), s.view(*x.shape[:-1], K // block_size)
+
+
+def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8):
+    """128x128 blocks: w (..., N, K) -> w_fp8 (..., N, K), s (..., N/128, K/128) in FP32."""
+    if not _use_triton(w, quant_impl):
+        y, s = weight_quant_ref(w, block_size, pow2)
+        return y.to(out_dtype) if out_dtype != FP8 else y, s
+    N, K = w.shape[-2:]
+    _check_multiple(N, "weight rows (out_features)", block_size)
+    _check_multiple(K, "weight columns (in_features)", block_size)
+    w2 = w.reshape(-1, K)
+    if w2.stride(-1) != 1:
+        w2 = w2.contiguous()
+    y = torch.empty(w2.shape, dtype=out_dtype, device=w.device)
+    s = torch.empty(w2.shape[0] // block_size, K // block_size, dtype=torch.float32, device=w.device)
+    grid = (w2.shape[0] // block_size, K // block_size)
+    _weight_quant_kernel[grid](w2, y, s, w2.stride(0), y.stride(0), s.stride(0), s.stride(1),
+                               BLOCK_K=block_size, POW2=pow2, num_warps=8)
+    return y.view(w.shape), s.view(*w.shape[:-2], N // block_size, K // block_size)
+
+
+def act_quant_t(x, x_s=None, block_size=BLOCK, pow2=False, out_dtype=FP8, bounds=None):
+    """128x1 tiles for Wgrad: x (M, K) -> x^T in FP8 (K, Mp) and scales (K, Mp/128), tokens
+    zero-padded to Mp = a multiple of 128. With x_s, x is FP8 in 1x128 tiles: dequantize first.
+    With bounds [(start, end), ...] (experts' row ranges), each group is padded on its own, so
+    that no 128-token tile holds two experts' tokens."""
+    if not _use_triton(x, quant_impl):
+        if bounds is None:
+            y, s = act_quant_t_ref(x, x_s, block_size, pow2)
+        else:
+            parts = [act_quant_t_ref(x[a:b], None if x_s is None else x_s[a:b], block_size, pow2)
+                     for a, b in bounds if b > a]
+            y = torch.cat([p[0] for p in parts], 1) if parts else x.new_empty(x.shape[1], 0, dtype=FP8)
+            s = torch.cat([p[1] for p in parts], 1) if parts else x.new_empty(x.shape[1], 0, dtype=torch.float32)
+        return y.to(out_dtype) if out_dtype != FP8 else y, s
+    M, K = x.shape
+    _check_multiple(K, "channels of the activation", block_size)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows = None
+    if bounds is None:
+        nb = triton.cdiv(M, block_size)
+    else:  # one (first row, end row) pair per output block of 128 tokens
+        starts = [(r, b) for a, b in bounds for r in range(a, b, block_size)]
+        nb = len(starts)
+        rows = torch.tensor([r for r, _ in starts] + [b for _, b in starts], dtype=torch.int32).to(x.device)
+    y = torch.empty(K, nb * block_size, dtype=out_dtype, device=x.device)
+    s = _mmajor_empty(K, nb, x.device)                             # (K, Mp/128), K-major
+    if nb == 0:
+        return y, s
+    xs = x_s if x_s is not None else s                             # s: a dummy when HAS_XS=False
+    BLOCK_K = 64
+    grid = (nb, K // BLOCK_K)
+    _act_quant_t_kernel[grid](x, xs, y, s, rows if rows is not None else s, M, x.stride(0), xs.stride(0),
+                              xs.stride(1), y.stride(0), s.stride(1), HAS_XS=x_s is not None,
+                              GROUPED=rows is not None, BLOCK_M=block_size, BLOCK_K=BLOCK_K,
+                              QBLOCK=block_size, POW2=pow2, num_warps=4)
+    return y, s
+
+# -----------------------------------------------------------------------------
+# 2. The GEMM: FP8 products per 128-deep K-block, promoted to an FP32 accumulator (3.3.2)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _b_scales_per_row(b, b_s):
+    """b_s is (N, K/128) for 1x128 tiles of b (Wgrad) or (N/128, K/128) for 128x128 blocks."""
+    N = b.shape[0]
+    if b_s.shape[0] == N and N != _cdiv(N, BLOCK):
+        return True
+    if b_s.shape[0] != _cdiv(N, BLOCK):
+        raise ValueError(f"fp8_gemm: b_s has shape {tuple(b_s.shape)}, expected ({N}, K/128) or "
+                         f"({_cdiv(N, BLOCK)}, K/128) for b of shape {tuple(b.shape)}")
+    return False
+
+
+def _check_gemm(a, a_s, b, b_s):
+    M, K = a.shape
+    assert b.shape[1] == K, f"fp8_gemm: a {tuple(a.shape)} and b {tuple(b.shape)} differ in K"
+    _check_multiple(K, "K of the GEMM")
+    assert a_s.shape == (M, K // BLOCK), f"fp8_gemm: a_s {tuple(a_s.shape)}, expected {(M, K // BLOCK)}"
+    assert b_s.shape[1] == K // BLOCK
+
+
+def fp8_gemm_ref(a, a_s, b, b_s, out_dtype=torch.bfloat16):
+    """Plain torch: c = dequant(a) @ dequant(b)^T, one 128-deep K-block at a time, each block's
+    FP32 product multiplied by its two scales and added to an FP32 accumulator."""
+    _check_gemm(a, a_s, b, b_s)
+    M, K = a.shape
+    N = b.shape[0]
+    if not _b_scales_per_row(b, b_s):
+        b_s = b_s.repeat_interleave(BLOCK, 0)[:N]                  # (N, K/128)
+    acc = torch.zeros(M, N, dtype=torch.float32, device=a.device)
+    with torch.autocast(a.device.type, enabled=False):
+        for k in range(K // BLOCK):
+            blk = slice(k * BLOCK, (k + 1) * BLOCK)
+            part = a[:, blk].float() @ b[:, blk].float().t()       # (M, N): the tensor cores' part
+            acc += part * (a_s[:, k, None] * b_s[None, :, k])      # promotion, scales applied
+    return acc.to(out_dtype)
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _promoted_mma(a_ptr, b_ptr, as_ptr, bs_ptr, offs_m, offs_n, k_lo, k_hi,
+                      stride_am, stride_bn, stride_asm, stride_ask, stride_bsn, stride_bsk,
+                      B_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+        # sum over K-blocks k in [k_lo, k_hi) of (a[m, k] @ b[n, k]^T) * s_a[m, k] * s_b[n, k]
+        # a [M, K] and b [N, K] are both K-major, as Hopper's FP8 WGMMA wants them.
+        offs_k = k_lo * BLOCK_K + tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :]
+        as_ptrs = as_ptr + offs_m * stride_asm
+        if B_PER_ROW:   # 1x128 tiles of b (Wgrad)
+            bs_ptrs = bs_ptr + offs_n * stride_bsn
+        else:           # 128x128 blocks of b (a weight)
+            bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_lo, k_hi):
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+            s_a = tl.load(as_ptrs + k * stride_ask)
+            s_b = tl.load(bs_ptrs + k * stride_bsk)
+            part = tl.dot(a, tl.trans(b))                # tensor cores: one 128-deep block, FP32 out
+            acc += part * (s_a[:, None] * s_b[None, :])  # promotion: scale, add in FP32 registers
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        return acc
+
+    def _gemm_configs():
+        cfg = lambda bm, bn, w, st: triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8},
+                                                  num_warps=w, num_stages=st)
+        configs = [cfg(128, 128, 8, 4), cfg(128, 256, 8, 3), cfg(128, 128, 4, 3),
+                   cfg(64, 128, 4, 4), cfg(64, 256, 8, 3)]
+        return configs[:1] if INTERPRET else configs   # the interpreter cannot time kernels
+
+    @triton.autotune(configs=_gemm_configs(), key=["N", "K", "B_PER_ROW"])
+    @triton.jit
+    def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
+                         stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
+                         B_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # c (M, N) = a (M, K) @ b (N, K)^T, one (BLOCK_M, BLOCK_N) tile per program
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        first_m = pid // (GROUP_M * num_n) * GROUP_M     # GROUP_M row-tiles share b's tiles in L2
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _promoted_mma(a_ptr, b_ptr, as_ptr, bs_ptr, tl.minimum(offs_m, M - 1), tl.minimum(offs_n, N - 1),
+                            0, K // BLOCK_K, stride_am, stride_bn, stride_asm, stride_ask, stride_bsn,
+                            stride_bsk, B_PER_ROW, BLOCK_M, BLOCK_N, BLOCK_K)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fp8_gemm_rows_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tiles_ptr, num_tiles, N, K,
+                                      stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_ask,
+                                      stride_bse, stride_bsn, stride_bsk, BLOCK_M: tl.constexpr,
+                                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Fprop/Dgrad of the routed experts: rows of a sorted by expert, b (E, N, K) stacked.
+        # tiles (3, num_tiles): expert, first row, end row of each tile of at most BLOCK_M rows.
+        t, pid_n = tl.program_id(0), tl.program_id(1)
+        e = tl.load(tiles_ptr + t).to(tl.int64)
+        row0, row_end = tl.load(tiles_ptr + num_tiles + t), tl.load(tiles_ptr + 2 * num_tiles + t)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _promoted_mma(a_ptr, b_ptr + e * stride_be, as_ptr, bs_ptr + e * stride_bse,
+                            tl.minimum(offs_m, row_end - 1), tl.minimum(offs_n, N - 1), 0, K // BLOCK_K,
+                            stride_am, stride_bn, stride_asm, stride_ask, stride_bsn, stride_bsk,
+                            False, BLOCK_M, BLOCK_N, BLOCK_K)
+        mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fp8_gemm_k_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, kblocks_ptr, M, N,
+                                   stride_am, stride_bn, stride_ce, stride_cm, stride_asm, stride_ask,
+                                   stride_bsn, stride_bsk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_K: tl.constexpr):
+        # Wgrad of the routed experts: c[e] = a[:, tokens of e] @ b[:, tokens of e]^T, where each
+        # expert's tokens are whole K-blocks kblocks[e] .. kblocks[e+1] (padded per expert).
+        pid, e = tl.program_id(0), tl.program_id(1)
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_n = pid // num_n, pid % num_n
+        k_lo, k_hi = tl.load(kblocks_ptr + e), tl.load(kblocks_ptr + e + 1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _promoted_mma(a_ptr, b_ptr, as_ptr, bs_ptr, tl.minimum(offs_m, M - 1), tl.minimum(offs_n, N - 1),
+                            k_lo, k_hi, stride_am, stride_bn, stride_asm, stride_ask, stride_bsn,
+                            stride_bsk, True, BLOCK_M, BLOCK_N, BLOCK_K)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def fp8_gemm_triton(a, a_s, b, b_s, out_dtype=torch.bfloat16):
+    _check_gemm(a, a_s, b, b_s)
+    assert a.stride(1) == 1 and b.stride(1) == 1, "fp8_gemm: a and b must be K-major (row-major)"
+    M, K = a.shape
+    N = b.shape[0]
+    per_row = _b_scales_per_row(b, b_s)
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    if M == 0:
+        return c
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _fp8_gemm_kernel[grid](a, b, c, a_s, b_s, M, N, K, a.stride(0), b.stride(0), c.stride(0),
+                           a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
+                           B_PER_ROW=per_row, BLOCK_K=BLOCK)
+    return c
+
+
+def _mmajor(s):
+    """Same values, stored with the first dim fastest (stride (1, rows)): cuBLAS's 1x128 layout."""
+    if s.stride(0) == 1 and (s.shape[1] == 1 or s.stride(1) == s.shape[0]):
+        return s
+    return s.t().contiguous().t()
+
+
+def fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype=torch.bfloat16):
+    """cuBLAS's blockwise FP8 GEMM through torch._scaled_mm (Hopper, CUDA >= 12.9). It wants a
+    row-major, b column-major (b^T is our K-major b), 1x128 scales M-major, and 128x128 scales of
+    b^T row-major; it promotes to FP32 once per 128 in K as well."""
+    _check_gemm(a, a_s, b, b_s)
+    if _b_scales_per_row(b, b_s):
+        scale_b = _mmajor(b_s).t()                                 # (K/128, N), 1x128 of b^T
+    else:
+        scale_b = b_s.contiguous().t()                             # (K/128, N/128)
+    return torch._scaled_mm(a, b.t(), scale_a=_mmajor(a_s), scale_b=scale_b, out_dtype=out_dtype)
+
+
+_scaled_mm_refused = {}   # shapes cuBLAS turned down once: "auto" sends them to Triton after that
+
+
+def _scaled_mm_works(device):
+    key = ("probe", str(device))
+    if key not in _scaled_mm_refused:
+        try:
+            a = torch.ones(128, 128, device=device).to(FP8)
+            s = torch.ones(128, 1, device=device)
+            c = fp8_gemm_scaled_mm(a, s, a, s[:1], torch.float32)
+            _scaled_mm_refused[key] = not bool((c == 128).all())
+        except (RuntimeError, AttributeError, TypeError):
+            _scaled_mm_refused[key] = True
+    return not _scaled_mm_refused[key]
+
+
+def fp8_gemm(a, a_s, b, b_s, out_dtype=torch.bfloat16):
+    """c (M, N) = dequant(a) @ dequant(b)^T in out_dtype (BF16 or FP32).
+    a (M, K) FP8 with 1x128 scales a_s (M, K/128); b (N, K) FP8 with 128x128 scales (N/128, K/128)
+    or 1x128 scales (N, K/128). K must be a multiple of 128. gemm_impl picks the path."""
+    impl = gemm_impl
+    if impl == "auto":
+        if not a.is_cuda:
+            impl = "torch"
+        else:
+            key = (b.shape[0], a.shape[1], b_s.shape[0] == b.shape[0], out_dtype, a.shape[0] % 16 == 0)
+            if a.shape[0] % 16 == 0 and HAS_SCALED_MM and _scaled_mm_works(a.device) and not _scaled_mm_refused.get(key):
+                try:
+                    return fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype)
+                except RuntimeError:       # e.g. scale strides cuBLAS cannot take
+                    _scaled_mm_refused[key] = True
+            impl = "triton" if HAS_TRITON else "torch"
+    if impl == "triton":
+        return fp8_gemm_triton(a, a_s, b, b_s, out_dtype)
+    if impl == "scaled_mm":
+        return fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype)
+    if impl == "torch":
+        return fp8_gemm_ref(a, a_s, b, b_s, out_dtype)
+    raise ValueError(f"fp8: unknown gemm_impl {impl!r}")
+
+
+HAS_SCALED_MM = hasattr(torch, "_scaled_mm")
+
+# -----------------------------------------------------------------------------
+# 3. Why promotion: a tensor core with a 14-bit accumulator, emulated (3.3.2)
+
+
+def _truncate(x, bits):
+    """Keep the top `bits` significant bits of FP32 values (round toward zero)."""
+    return (x.view(torch.int32) & ~((1 << (24 - bits)) - 1)).view(torch.float32)
+
+
+def tensor_core_gemm_emulated(a, b, acc_bits=14, group=32, promote_every=None):
+    """a (M, K) @ b (N, K)^T for FP8 values held in FP32, summed the way an FP8 MMA does it: each
+    group of `group` products is added to the running sum after all of them are aligned to the
+    largest exponent among them and the sum, keeping `acc_bits` significant bits (the rest is cut),
+    and the sum is kept with `acc_bits` bits too. promote_every=128 adds that limited-precision
+    partial sum to an FP32 (here FP64) accumulator every 128 elements of K and restarts it."""
+    M, K = a.shape
+    prod = a.double()[:, None, :] * b.double()[None, :, :]         # (M, N, K), exact
+    out = torch.zeros(M, b.shape[0], dtype=torch.float64)
+    acc = torch.zeros_like(out)
+    for k in range(0, K, group):
+        g = prod[..., k:k + group]
+        top = torch.maximum(acc.abs(), g.abs().amax(-1))            # the alignment exponent
+        _, e = torch.frexp(top)                                     # top < 2^e
+        ulp = torch.ldexp(torch.ones_like(top), e - acc_bits)[..., None]
+        acc = torch.trunc(acc / ulp[..., 0]) * ulp[..., 0] + (torch.trunc(g / ulp) * ulp).sum(-1)
+        acc = _truncate(acc.float(), acc_bits).double()
+        if promote_every and (k + group) % promote_every == 0:
+            out += acc                                              # promotion to full precision
+            acc = torch.zeros_like(out)
+    return out + acc
+
+
+def promotion_error(K=4096, M=16, N=16, positive=True, promote_every=128, generator=None):
+    """Relative error (Frobenius) of the emulated 14-bit accumulation against FP64, without and
+    with promotion, for random FP8 operands: U(0,1) when positive, N(0,1) otherwise."""
+    draw = (lambda *s: torch.rand(*s, generator=generator)) if positive else \
+           (lambda *s: torch.randn(*s, generator=generator))
+    a, b = draw(M, K).to(FP8).float(), draw(N, K).to(FP8).float()
+    ref = a.double() @ b.double().t()
+    rel = lambda c: ((c - ref).norm() / ref.norm()).item()
+    return rel(tensor_core_gemm_emulated(a, b)), rel(tensor_core_gemm_emulated(a, b, promote_every=promote_every))
+
+# -----------------------------------------------------------------------------
+# 4. FP8Linear: Fprop, Dgrad and Wgrad in FP8, the input cached in FP8 (3.3.1, Figure 6; 3.3.3)
+
+
+class _FP8LinearFn(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, out_dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            x_fp8, x_s = act_quant(x, pow2=pow2_scales)            # (M, K), (M, K/128)
+            w_fp8, w_s = weight_quant(weight, pow2=pow2_scales)    # (N, K), (N/128, K/128)
+            y = fp8_gemm(x_fp8, x_s, w_fp8, w_s, out_dtype)        # Fprop (M, N)
+        ctx.save_for_backward(x_fp8, x_s, w_fp8, w_s)              # x kept in FP8, not BF16
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_fp8, x_s, w_fp8, w_s = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        dx = dw = None
+        with torch.autocast(dy.device.type, enabled=False):
+            dy = dy.contiguous()
+            if ctx.needs_input_grad[0]:
+                dy_fp8, dy_s = act_quant(dy, pow2=pow2_scales)     # (M, N), 1x128 over N
+                dx = fp8_gemm(dy_fp8, dy_s, w_fp8.t().contiguous(), w_s.t(), x_dtype)  # Dgrad (M, K)
+            if ctx.needs_input_grad[1]:
+                dyT_fp8, dyT_s = act_quant_t(dy, pow2=pow2_scales)           # (N, Mp), 128x1 of dy
+                xT_fp8, xT_s = act_quant_t(x_fp8, x_s, pow2=pow2_scales)     # (K, Mp), from the cache
+                dw = fp8_gemm(dyT_fp8, dyT_s, xT_fp8, xT_s,
+                              torch.float32 if w_dtype == torch.float32 else w_dtype)  # Wgrad (N, K)
+        return dx, dw, None
+
+
+def _compute_dtype(x):
+    t = x.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
+
+
+def fp8_linear(x, weight):
+    """y = x @ weight^T with all three GEMMs in FP8; x (..., K), weight (N, K)."""
+    y = _FP8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, _compute_dtype(x))  # (M, N)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class FP8Linear(nn.Linear):
+    """Drop-in for nn.Linear(in_features, out_features, bias=False) whose GEMMs run in FP8.
+    The weight Parameter, its shape (out, in), dtype and initialization are nn.Linear's; only the
+    matmuls change. On the CPU it runs the emulated plain-torch path."""
+
+    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None):
+        if bias:
+            raise ValueError("FP8Linear has no bias (DeepSeek-V3's Linear layers have none)")
+        for n, what in ((in_features, "in_features"), (out_features, "out_features")):
+            if n % BLOCK:
+                raise ValueError(f"FP8Linear({in_features}, {out_features}): {what} = {n} is not a "
+                                 f"multiple of {BLOCK}; FP8 needs both dims in whole 128-wide tiles "
+                                 f"(1x128 activation tiles, 128x128 weight blocks). Use nn.Linear "
+                                 f"for this layer or choose dims that are multiples of {BLOCK}.")
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+    @torch.compiler.disable   # eager kernels; under torch.compile the graph breaks around it
+    def forward(self, x):
+        return fp8_linear(x, self.weight)
+
+# -----------------------------------------------------------------------------
+# 5. Routed experts: the same three FP8 GEMMs per expert, over tokens sorted by expert
+
+grouped_impl = "auto"   # "auto" (triton on CUDA) | "triton" (grouped kernels) | "loop" (fp8_gemm per expert)
+
+
+def _grouped_triton(x):
+    if grouped_impl == "auto":
+        return x.is_cuda and HAS_TRITON
+    return grouped_impl == "triton"
+
+
+def _group_bounds(offs):
+    ends = [int(e) for e in offs.tolist()]
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _group_kblocks(bounds):
+    """First K-block of each expert in the token-padded Wgrad operands, and the end: (E + 1,)."""
+    kb = [0]
+    for a, b in bounds:
+        kb.append(kb[-1] + _cdiv(b - a, BLOCK))
+    return kb
+
+
+def fp8_grouped_gemm_rows(a, a_s, b, b_s, bounds, out_dtype=torch.bfloat16):
+    """c[rows of e] = a[rows of e] @ b[e]^T. a (M, K) FP8 with 1x128 scales, b (E, N, K) FP8 with
+    128x128 scales (E, N/128, K/128). Fprop and Dgrad of the routed experts."""
+    M, K = a.shape
+    E, N, _ = b.shape
+    covered = bounds[-1][1] if bounds else 0
+    c = (torch.empty if covered == M else torch.zeros)(M, N, dtype=out_dtype, device=a.device)
+    if not _grouped_triton(a):
+        for e, (s, t) in enumerate(bounds):
+            if t > s:
+                c[s:t] = fp8_gemm(a[s:t], a_s[s:t], b[e], b_s[e], out_dtype)
+        return c
+    BLOCK_M, BLOCK_N = 64, 128
+    tiles = [(e, r, min(r + BLOCK_M, t)) for e, (s, t) in enumerate(bounds) for r in range(s, t, BLOCK_M)]
+    if not tiles:
+        return c
+    table = torch.tensor(tiles, dtype=torch.int32).t().contiguous().to(a.device)   # (3, tiles)
+    grid = (len(tiles), triton.cdiv(N, BLOCK_N))
+    _fp8_gemm_rows_grouped_kernel[grid](a, b, c, a_s, b_s, table, len(tiles), N, K, a.stride(0), b.stride(0),
+                                        b.stride(1), c.stride(0), a_s.stride(0), a_s.stride(1), b_s.stride(0),
+                                        b_s.stride(1), b_s.stride(2), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                        BLOCK_K=BLOCK, num_warps=4, num_stages=4)
+    return c
+
+
+def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
+    """c[e] = a[:, K-blocks of e] @ b[:, K-blocks of e]^T for e < E, K-blocks kblocks[e]..kblocks[e+1].
+    a (M, Kt) and b (N, Kt) FP8 with 1x128 scales along Kt (the experts' padded tokens): Wgrad."""
+    M, N, E = a.shape[0], b.shape[0], len(kblocks) - 1
+    if not _grouped_triton(a):
+        c = torch.zeros(E, M, N, dtype=out_dtype, device=a.device)
+        for e in range(E):
+            lo, hi = kblocks[e], kblocks[e + 1]
+            if hi > lo:
+                cols = slice(lo * BLOCK, hi * BLOCK)
+                c[e] = fp8_gemm(a[:, cols], a_s[:, lo:hi], b[:, cols], b_s[:, lo:hi], out_dtype)
+        return c
+    c = torch.empty(E, M, N, dtype=out_dtype, device=a.device)
+    BLOCK_M, BLOCK_N = 128, 128
+    table = torch.tensor(kblocks, dtype=torch.int32).to(a.device)
+    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N), E)
+    _fp8_gemm_k_grouped_kernel[grid](a, b, c, a_s, b_s, table, M, N, a.stride(0), b.stride(0), c.stride(0),
+                                     c.stride(1), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
+                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK, num_warps=8, num_stages=4)
+    return c
+
+
+class _FP8GroupedLinearFn(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, w, offs, out_dtype):
+        bounds = _group_bounds(offs)
+        with torch.autocast(x.device.type, enabled=False):
+            x_fp8, x_s = act_quant(x, pow2=pow2_scales)            # (M, K), rows are independent
+            w_fp8, w_s = weight_quant(w, pow2=pow2_scales)         # (E, N, K), (E, N/128, K/128)
+            y = fp8_grouped_gemm_rows(x_fp8, x_s, w_fp8, w_s, bounds, out_dtype)   # Fprop (M, N)
+        ctx.save_for_backward(x_fp8, x_s, w_fp8, w_s)
+        ctx.bounds, ctx.dtypes = bounds, (x.dtype, w.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_fp8, x_s, w_fp8, w_s = ctx.saved_tensors
+        (x_dtype, w_dtype), bounds = ctx.dtypes, ctx.bounds
+        dx = dw = None
+        with torch.autocast(dy.device.type, enabled=False):
+            dy = dy.contiguous()
+            if ctx.needs_input_grad[0]:
+                dy_fp8, dy_s = act_quant(dy, pow2=pow2_scales)     # (M, N)
+                wT_fp8 = w_fp8.transpose(1, 2).contiguous()        # (E, K, N), same blocks
+                dx = fp8_grouped_gemm_rows(dy_fp8, dy_s, wT_fp8, w_s.transpose(1, 2), bounds, x_dtype)  # Dgrad
+            if ctx.needs_input_grad[1]:
+                # 128-token tiles must not straddle experts: each expert's tokens are padded apart
+                dyT_fp8, dyT_s = act_quant_t(dy, pow2=pow2_scales, bounds=bounds)        # (N, Mp)
+                xT_fp8, xT_s = act_quant_t(x_fp8, x_s, pow2=pow2_scales, bounds=bounds)  # (K, Mp)
+                dw = fp8_grouped_gemm_k(dyT_fp8, dyT_s, xT_fp8, xT_s, _group_kblocks(bounds),
+                                        torch.float32 if w_dtype == torch.float32 else w_dtype)  # Wgrad
+                dw = dw.to(w_dtype)                                # (E, N, K)
+        return dx, dw, None, None
+
+
+def fp8_grouped_linear(x, w, offs):
+    """Routed experts in FP8. x (M, K) tokens sorted by expert, w (E, N, K) stacked expert weights,
+    offs int32 (E,) cumulative row ends (torch._grouped_mm's convention). Returns y (M, N) with
+    y[rows of e] = x[rows of e] @ w[e]^T; all three GEMMs in FP8, like FP8Linear. Groups may be
+    empty and of any size (the Wgrad pads each group's tokens to 128 internally)."""
+    E, N, K = w.shape
+    _check_multiple(K, "expert in_features")
+    _check_multiple(N, "expert out_features")
+    return _FP8GroupedLinearFn.apply(x, w, offs, _compute_dtype(x))
+
+
+def fp8_grouped_linear_ref(x, w, offs):
+    """The plain twin: a loop over experts of FP8Linear's math."""
+    ys = [fp8_linear(x[s:t], w[e]) for e, (s, t) in enumerate(_group_bounds(offs))]
+    return torch.cat(ys, 0)
