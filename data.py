@@ -94,8 +94,8 @@ def play_to_text(md: str) -> str:
         first_after_scene, after_scene = after_scene, False
         if line.startswith("#"):
             lines, after_scene = None, "SCENE" in line  # a new scene starts with no speaker
-        elif name := _SPEAKER.fullmatch(line):
-            name = name[1].replace(":", "").strip()
+        elif m := _SPEAKER.fullmatch(line):
+            name = m[1].replace(":", "").strip()  # "**ROSENCRANTZ:**" occurs too
             if lines and _NAME_HEAD.fullmatch(lines[-1]):
                 name = lines.pop() + " " + name
             lines = []
@@ -380,35 +380,45 @@ def _build(out: str, data: str, tokenizer: str, vocab_size: int, val_fraction: f
     tmp = f"{out}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    if tokenizer == "bpe":  # trained on the train split only; the last id is <|endoftext|>
-        tok_file = "tokenizer.tiktoken"
-        save_ranks(train_bpe(texts["train"], vocab_size - 1), os.path.join(tmp, tok_file))
-    elif tokenizer == "gpt2":
-        tok_file = "gpt2"
-    else:
-        tok_file = os.path.basename(tokenizer)  # keep the name: gpt2.tiktoken selects GPT-2's split
-        shutil.copyfile(tokenizer, os.path.join(tmp, tok_file))
-    enc = load_tokenizer("gpt2" if tok_file == "gpt2" else os.path.join(tmp, tok_file))
-    if enc.n_vocab > 65536:
-        raise ValueError(f"tokenizer {tokenizer!r} has {enc.n_vocab} tokens; uint16 shards hold 65536")
-    meta = dict(tokenizer=tok_file, vocab_size=enc.n_vocab, eot=enc.eot_token, data=data,
-                documents=len(docs), text_bytes=sum(len(d.encode()) for d in docs))
-    for split, parts in texts.items():
-        stream = array.array("H")
-        for ids in enc.encode_ordinary_batch(parts, num_threads=os.cpu_count() or 1):
-            stream.extend(ids)
-            stream.append(enc.eot_token)  # documents are packed, each closed by <|endoftext|>
-        write_shard(os.path.join(tmp, f"{split}.bin"), stream)
-        meta[f"{split}_tokens"] = len(stream)
-    meta["seconds"] = round(time.time() - t0, 2)
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    try:
+        meta = _tokenize_into(tmp, texts, tokenizer, vocab_size)
+        meta.update(data=data, documents=len(docs), text_bytes=sum(len(d.encode()) for d in docs),
+                    seconds=round(time.time() - t0, 2))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, out)  # atomic: `out` either does not exist or is complete
     except OSError:
         if not os.path.isfile(os.path.join(out, "meta.json")):
             raise
         shutil.rmtree(tmp)  # another process built the same folder first; keep theirs
+
+
+def _tokenize_into(folder: str, texts: dict, tokenizer: str, vocab_size: int) -> dict:
+    """Write the tokenizer file and {split}.bin for each split of texts into folder; returns meta."""
+    if tokenizer == "bpe":  # trained on the train split only; the last id is <|endoftext|>
+        tok_file = "tokenizer.tiktoken"
+        save_ranks(train_bpe(texts["train"], vocab_size - 1), os.path.join(folder, tok_file))
+    elif tokenizer == "gpt2":
+        tok_file = "gpt2"
+    else:
+        tok_file = os.path.basename(tokenizer)  # keep the name: gpt2.tiktoken selects GPT-2's split
+        shutil.copyfile(tokenizer, os.path.join(folder, tok_file))
+    enc = load_tokenizer("gpt2" if tok_file == "gpt2" else os.path.join(folder, tok_file))
+    if enc.n_vocab > 65536:
+        raise ValueError(f"tokenizer {tokenizer!r} has {enc.n_vocab} tokens; uint16 shards hold 65536")
+    meta = dict(tokenizer=tok_file, vocab_size=enc.n_vocab, eot=enc.eot_token)
+    for split, parts in texts.items():
+        stream = array.array("H")
+        for ids in enc.encode_ordinary_batch(parts, num_threads=os.cpu_count() or 1):
+            stream.extend(ids)
+            stream.append(enc.eot_token)  # documents are packed, each closed by <|endoftext|>
+        write_shard(os.path.join(folder, f"{split}.bin"), stream)
+        meta[f"{split}_tokens"] = len(stream)
+    return meta
 
 
 def prepare(data: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int = 2048,
@@ -420,6 +430,10 @@ def prepare(data: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int =
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction}: must lie strictly between 0 and 1")
+    if tokenizer not in ("bpe", "gpt2") and not os.path.isfile(tokenizer):
+        raise ValueError(f"tokenizer={tokenizer!r}: give 'bpe', 'gpt2' or the path of a .tiktoken file")
+    if tokenizer == "bpe" and vocab_size < 257:
+        raise ValueError(f"vocab_size={vocab_size}: the BPE needs the 256 bytes and <|endoftext|>")
     files = None if data == "shakespeare" else _resolve_files(data)
     if files and all(f.endswith(".bin") for f in files):
         return _prepare_shards(data, files, tokenizer)
@@ -520,6 +534,7 @@ def main(argv: list[str]) -> None:
     enc = load_tokenizer(info["tokenizer"])
     paths = lambda p: p if isinstance(p, list) else [p]
     n = {s: sum(len(read_shard(p)) for p in paths(info[s])) for s in ("train", "val")}
+    eots = sum(int((read_shard(p) == info["eot"]).sum()) for s in ("train", "val") for p in paths(info[s]))
     print(f"prepared in {seconds:.2f}s: {info['train']} and {info['val']}")
     print(f"tokenizer {info['tokenizer']}: vocab_size {info['vocab_size']}, eot {info['eot']}")
     print(f"tokens: train {n['train']:,}, val {n['val']:,}")
@@ -528,7 +543,7 @@ def main(argv: list[str]) -> None:
         with open(meta_path) as f:
             meta = json.load(f)
         print(f"text: {meta['documents']} documents, {meta['text_bytes']:,} bytes, "
-              f"{meta['text_bytes'] / (n['train'] + n['val']):.2f} bytes per token; "
+              f"{meta['text_bytes'] / (n['train'] + n['val'] - eots):.2f} bytes per token; "
               f"built in {meta['seconds']}s")
     sample = read_shard(paths(info["val"])[0])[:120].tolist()
     print("--- first val tokens, decoded ---\n" + enc.decode(sample))
