@@ -119,7 +119,8 @@ def test_play_to_text_drops_headings_and_directions():
     md = ("# Play\n\n## ACT I\n\n### SCENE I. A castle; DESDEMONA in\n\nbed.\n\n_Enter GHOST and\n"
           "HAMLET_\n\n**HAMLET**  \nWho's there?  \n_\\[Aside]_  \nStand\\--\n\n_Exit Ghost_\n\n"
           "and unfold.\n\nCOUNTESS\n\n**OF AUVERGNE**  \nMadam.\n")
-    assert data.play_to_text(md) == "HAMLET:\nWho's there?\nStand--\nand unfold.\n\nCOUNTESS OF AUVERGNE:\nMadam.\n"
+    expected = "HAMLET:\nWho's there?\nStand--\nand unfold.\n\nCOUNTESS OF AUVERGNE:\nMadam.\n"
+    assert data.play_to_text(md) == expected
 
 
 def test_corpus_text_local_files(tmp_path):
