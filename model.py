@@ -468,6 +468,19 @@ def count_params(args):
     return dict(total=total, activated=activated, mtp=mtp, embedding=embed, output_head=model.head.weight.numel())
 
 
+def flops_per_token(args, seq_len):
+    """Training FLOPs per token (forward + backward = 3x forward): 6 per activated matmul weight,
+    the MTP modules and their use of the output head included, plus causal attention's two GEMMs."""
+    n = count_params(args)
+    per_mtp = n["mtp"] / max(args.n_mtp, 1)
+    mtp_routed = 3 * args.n_routed_experts * args.dim * args.moe_inter_dim  # an MTP block is always an MoE block
+    mtp_active = per_mtp - mtp_routed * (1 - args.n_activated_experts / args.n_routed_experts) + n["output_head"]
+    matmul = 6 * (n["activated"] + args.n_mtp * mtp_active)
+    # per layer and token: q.k over (d_h + d^R_h) and p.v over d_v, for on average seq_len/2 keys
+    attention = 6 * args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim) * seq_len / 2
+    return matmul + (args.n_layers + args.n_mtp) * attention
+
+
 # -----------------------------------------------------------------------------
 # Loading a Hugging Face-format DeepSeek-V3 checkpoint (config.json + *.safetensors)
 

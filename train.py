@@ -1,0 +1,476 @@
+"""
+Train a DeepSeek-V3-style model (arXiv 2412.19437) on one CPU, one GPU, or many GPUs.
+
+    python train.py                                   # the nano preset on Shakespeare, CPU or GPU
+    python train.py --preset=small --seq_len=2048     # one GPU
+    torchrun --standalone --nproc_per_node=8 train.py --preset=small      # one node, data parallel
+    # two nodes: run on each, with --node_rank=0 on the first and --node_rank=1 on the second
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \\
+        train.py --preset=small
+
+Every setting below can be overridden with --key=value, and so can every ModelArgs field of the
+preset (--n_layers=2, --dim=256, ...); --resume alone means --resume=True.
+
+What the paper's training recipe contributes here:
+    AdamW (0.9, 0.95, weight decay 0.1), FP32 master weights and gradients, BF16 moments     3.3.3
+    BF16 autocast on the GPU (FP8 GEMMs with --fp8=True, fp8.py)                             3.3
+    the auxiliary-loss-free bias update after each step, gamma on a schedule                 2.1.2, 4.2
+    the MTP loss weight lambda on a schedule                                                 2.2, 4.2
+    an exponential moving average of the weights kept in CPU memory, updated off the GPU     3.2.3
+Simplified: data parallelism only (expert and pipeline parallelism come with comm.py and
+dualpipe.py); warmup then cosine decay instead of the paper's constant-then-cosine schedule.
+"""
+
+import json
+import math
+import os
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data as data_lib
+import model as model_lib
+from moe import update_bias
+
+# -----------------------------------------------------------------------------
+# settings (--key=value overrides any of them)
+# data
+data = "shakespeare"        # "shakespeare", a text file / directory / glob, or modded-nanogpt .bin shards
+tokenizer = "bpe"           # "bpe" trains the project's byte-level BPE to the model's vocab_size; "gpt2"
+cache_dir = "data"          # prepared token files, reused across runs
+# model
+preset = "nano"             # nano | small | v2-lite | v3 (model.PRESETS)
+# batch
+batch_size = 16             # sequences per micro-batch per process
+seq_len = 256
+grad_accum = 1              # micro-batches per optimizer step
+# optimizer (3.3.3)
+max_iters = 300
+lr = 3e-3
+min_lr = 3e-4
+warmup_iters = 30
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+moments_dtype = "bfloat16"  # AdamW's first and second moments: "bfloat16" (the paper) or "float32"
+# schedules (4.2): MTP weight lambda, then the bias update speed gamma
+mtp_lambda = 0.3
+mtp_lambda_final = 0.1
+mtp_switch = 0.7            # fraction of max_iters after which lambda = mtp_lambda_final
+bias_gamma = 0.001
+bias_gamma_final = 0.0
+gamma_switch = 0.95         # fraction of max_iters after which gamma = bias_gamma_final
+# EMA of the weights (3.2.3)
+ema_decay = 0.99
+ema_interval = 1            # steps between EMA updates
+# evaluation, logging, checkpoints
+eval_interval = 100
+eval_iters = 10
+log_interval = 10
+out_dir = "out"
+resume = False
+stop_iter = 0               # if > 0, end this run at this iteration with a checkpoint (--resume continues)
+# system
+device = "auto"             # auto | cpu | cuda | cuda:N
+dtype = "auto"              # auto (bfloat16 autocast on the GPU, float32 on the CPU) | float32 | bfloat16
+compile = "auto"            # auto (on CUDA) | true | false
+seed = 1337
+
+SETTINGS = {k: v for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (int, float, bool, str)}
+CHOICES = dict(compile=("auto", "true", "false"), dtype=("auto", "bfloat16", "float32"),
+               moments_dtype=("bfloat16", "float32"))
+H200_BF16_FLOPS = 989e12    # dense BF16 datasheet rate, the denominator of MFU
+LOSS_NAMES = ("loss", "main", "mtp", "balance")
+
+
+def parse_value(key, text, like):
+    """text -> the type of `like`; a value that does not fit names the setting."""
+    if isinstance(like, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise SystemExit(f"--{key}={text}: expected true or false")
+    try:
+        return type(like)(text)
+    except ValueError:
+        raise SystemExit(f"--{key}={text}: expected a {type(like).__name__}") from None
+
+
+def parse_args(settings, argv, model_fields=(), choices=None):
+    """--key=value arguments -> (settings namespace, overrides of the fields in model_fields)."""
+    config, model_overrides = dict(settings), {}
+    model_fields = {f.name: f.default for f in fields(model_lib.ModelArgs) if f.name in model_fields}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise SystemExit(f"arguments look like --key=value, got {arg!r}")
+        key, eq, text = arg[2:].partition("=")
+        if key in config:
+            like = config[key]
+        elif key in model_fields:
+            like = model_fields[key]
+        else:
+            raise SystemExit(f"unknown setting --{key}; settings: {', '.join(sorted(config))}"
+                             + (f"; model fields: {', '.join(sorted(model_fields))}" if model_fields else ""))
+        if not eq and not isinstance(like, bool):
+            raise SystemExit(f"--{key} needs a value: --{key}=...")
+        value = parse_value(key, text, like) if eq else True
+        if choices and key in choices and value not in choices[key]:
+            raise SystemExit(f"--{key}={value}: expected one of {', '.join(choices[key])}")
+        (config if key in config else model_overrides)[key] = value
+    return SimpleNamespace(**config), model_overrides
+
+
+# -----------------------------------------------------------------------------
+# processes and devices
+
+def compute_init(c):
+    """(rank, world_size, local_rank, device): torchrun sets RANK; plain python is one process."""
+    if "RANK" in os.environ:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available() and c.device in ("auto", "cuda"):
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            device = torch.device("cpu")
+            dist.init_process_group("gloo")
+        return rank, world, device
+    if c.device == "auto":
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device={c.device}: CUDA is not available here; use --device=cpu")
+    return 0, 1, torch.device(c.device)
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        tqdm.write(" ".join(str(a) for a in args), **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# optimizer
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with decoupled weight decay whose moments are stored in `moments_dtype` (BF16 in the
+    paper, 3.3.3) while the update itself is computed in FP32 against FP32 master weights.
+    With FP32 moments it is torch.optim.AdamW, which the tests hold it against."""
+
+    def __init__(self, params, lr, betas, weight_decay, eps=1e-8, moments_dtype=torch.bfloat16):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
+        self.moments_dtype = moments_dtype
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)  # which casts every state tensor to its parameter's dtype...
+        for state in self.state.values():  # ...so put the moments back into theirs
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = state[key].to(self.moments_dtype)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
+                state["step"] += 1
+                t = state["step"].item()
+                g = p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
+                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
+
+
+def make_optimizer(model, c, device):
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains
+    groups = [dict(params=decay, weight_decay=c.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    dtype = dict(bfloat16=torch.bfloat16, float32=torch.float32)[c.moments_dtype]
+    return AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), weight_decay=c.weight_decay, moments_dtype=dtype)
+
+
+def lr_at(step, c):
+    """Linear warmup, then cosine decay from lr to min_lr at max_iters."""
+    if step < c.warmup_iters:
+        return c.lr * (step + 1) / c.warmup_iters
+    progress = (step - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters)
+    return c.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (c.lr - c.min_lr)
+
+
+# -----------------------------------------------------------------------------
+# EMA in CPU memory (3.2.3)
+
+class EMA:
+    """Exponential moving average of the parameters, held in CPU memory.
+
+    On the GPU, update() starts an asynchronous copy of the weights into pinned CPU buffers and a
+    CPU thread folds them into the average once the copy has landed, while the GPU trains on.
+    """
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shadow = [p.detach().float().cpu().clone() for p in model.parameters()]
+        pin = next(model.parameters()).is_cuda
+        self.staged = [torch.empty_like(s, pin_memory=pin) for s in self.shadow]
+        self.worker = None
+
+    def update(self, model, decay=None):
+        self.wait()
+        decay = self.decay if decay is None else decay
+        params = list(model.parameters())
+        for buf, p in zip(self.staged, params):
+            buf.copy_(p.detach(), non_blocking=True)
+        done = torch.cuda.Event() if params[0].is_cuda else None
+        if done is not None:
+            done.record()
+
+        def fold():
+            if done is not None:
+                done.synchronize()
+            torch._foreach_lerp_(self.shadow, self.staged, 1 - decay)
+
+        self.worker = threading.Thread(target=fold) if done is not None else None
+        if self.worker is None:
+            fold()
+        else:
+            self.worker.start()
+
+    def wait(self):
+        if self.worker is not None:
+            self.worker.join()
+            self.worker = None
+
+    def swap(self, model):
+        """Exchange the model's weights with the average (call twice to swap back)."""
+        self.wait()
+        with torch.no_grad():
+            for s, p in zip(self.shadow, model.parameters()):
+                tmp = p.detach().float().cpu()
+                p.copy_(s)
+                s.copy_(tmp)
+
+    def state_dict(self):
+        self.wait()
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, sd):
+        for name, s in zip(self.names, self.shadow):
+            s.copy_(sd[name])
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated, corrupt, or not written by "
+                         f"torch.save with plain tensors): {type(e).__name__}: {str(e)[:200]}") from None
+    missing = {"model_args", "model", "step"} - set(ckpt) if isinstance(ckpt, dict) else {"everything"}
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint written by train.py: missing {sorted(missing)}")
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, loader_factory, iters, autocast, device):
+    """Mean main-model cross-entropy over `iters` batches drawn the same way every time."""
+    model.eval()
+    loader = loader_factory()
+    total = torch.zeros((), device=device)
+    for _ in range(iters):
+        x, y = (t.to(device) for t in loader.next_batch())
+        with autocast:
+            _, losses = model(x, y)
+        total += losses["main"].float()
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    return (total / iters).item()
+
+
+def check_finite(losses, step):
+    bad = [name for name, v in zip(LOSS_NAMES, losses.tolist()) if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)} "
+                                 f"({', '.join(f'{n}={v}' for n, v in zip(LOSS_NAMES, losses.tolist()))}); stopping")
+
+
+def main(argv=None):
+    model_fields = [f.name for f in fields(model_lib.ModelArgs)]
+    c, model_overrides = parse_args(SETTINGS, sys.argv[1:] if argv is None else argv, model_fields, CHOICES)
+    rank, world, device = compute_init(c)
+    master = rank == 0
+    torch.manual_seed(c.seed + rank)
+    use_bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path) if c.resume else None
+
+    # the model's arguments: the checkpoint's when resuming, else the preset's with overrides
+    if ckpt is not None:
+        args = model_lib.ModelArgs.from_dict(ckpt["model_args"])
+    else:
+        args = model_lib.preset(c.preset, **model_overrides)
+        if c.seq_len > args.max_seq_len:
+            args = model_lib.ModelArgs.from_dict({**asdict(args), "max_seq_len": c.seq_len})
+    os.makedirs(c.out_dir, exist_ok=True)
+
+    # data: prepared once by rank 0 (the others wait, then reuse the cache)
+    if master:
+        info = data_lib.prepare(c.data, c.tokenizer, args.vocab_size, cache_dir=c.cache_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    if not master:
+        info = data_lib.prepare(c.data, c.tokenizer, args.vocab_size, cache_dir=c.cache_dir)
+    if info["vocab_size"] > args.vocab_size:  # e.g. GPT-2's 50257 ids: round up to a multiple of 64
+        if ckpt is not None:
+            raise SystemExit(f"the checkpoint's vocab_size {args.vocab_size} is smaller than the tokenizer's {info['vocab_size']}")
+        args = model_lib.ModelArgs.from_dict({**asdict(args), "vocab_size": -(-info["vocab_size"] // 64) * 64})
+    train_loader = data_lib.DataLoader(info["train"], c.batch_size, c.seq_len, rank, world, seed=c.seed)
+    val_loader = lambda: data_lib.DataLoader(info["val"], c.batch_size, c.seq_len, rank, world, seed=c.seed + 1)  # noqa: E731
+
+    model = model_lib.Transformer(args).to(device)
+    optimizer = make_optimizer(model, c, device)
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state_dict(ckpt["data"])
+        start = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        print0(f"resumed from {ckpt_path} at step {start}")
+    ema = EMA(model, c.ema_decay)
+    if ckpt is not None:
+        ema.load_state_dict(ckpt["ema"])
+    tokenizer_file = os.path.join(c.out_dir, "tokenizer.tiktoken")
+    if master and info["tokenizer"] != "gpt2":
+        data_lib.save_ranks(data_lib.load_ranks(info["tokenizer"]), tokenizer_file)
+
+    compiled = c.compile == "true" or (c.compile == "auto" and device.type == "cuda")
+    train_model = torch.compile(model) if compiled else model
+    if dist.is_initialized():
+        # Buffers are not broadcast: every rank applies the same bias update from all-reduced loads.
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    all_reduce = (lambda t: dist.all_reduce(t)) if dist.is_initialized() else None
+    flops_per_token = model_lib.flops_per_token(args, c.seq_len)
+    tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * world
+    n = model_lib.count_params(args)
+    print0(f"model: {c.preset}, {n['total'] / 1e6:.1f}M parameters ({n['activated'] / 1e6:.1f}M activated, "
+           f"MTP {n['mtp'] / 1e6:.1f}M), vocab {args.vocab_size}; {world} process(es) on {device.type}, "
+           f"{'bf16 autocast' if use_bf16 else 'fp32'}{', compiled' if compiled else ''}; "
+           f"{tokens_per_step:,} tokens per step")
+
+    def checkpoint(step):
+        save_checkpoint(ckpt_path, dict(
+            model_args=asdict(args), model=model.state_dict(), optimizer=optimizer.state_dict(),
+            ema=ema.state_dict(), step=step, data=train_loader.state_dict(), rng=dict(cpu=torch.get_rng_state()),
+            config=vars(c), tokenizer="gpt2" if info["tokenizer"] == "gpt2" else "tokenizer.tiktoken",
+            eot=info["eot"]))
+
+    log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a") if master else None
+    last_stop = c.stop_iter if 0 < c.stop_iter < c.max_iters else c.max_iters
+    t0, tokens_since = time.time(), 0
+    bar = tqdm(range(start, last_stop), initial=start, total=c.max_iters, disable=not master, dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step, c)
+        lam = c.mtp_lambda if step < c.mtp_switch * c.max_iters else c.mtp_lambda_final
+        gamma = c.bias_gamma if step < c.gamma_switch * c.max_iters else c.bias_gamma_final
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = torch.zeros(len(LOSS_NAMES), device=device)
+        for micro in range(c.grad_accum):
+            x, y = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
+            last = micro == c.grad_accum - 1
+            with (nullcontext() if last or world == 1 else train_model.no_sync()), autocast:
+                _, parts = train_model(x, y, lam=lam)
+            (parts["loss"] / c.grad_accum).backward()
+            losses += torch.stack([parts[k].detach().float() for k in LOSS_NAMES]) / c.grad_accum
+        check_finite(losses, step + 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        maxvio = update_bias(model.moe_layers(), gamma, all_reduce)  # after the step, from this step's loads
+        if (step + 1) % c.ema_interval == 0:
+            ema.update(model, c.ema_decay ** c.ema_interval)
+        tokens_since += tokens_per_step
+
+        if (step + 1) % c.log_interval == 0 or step + 1 == last_stop:
+            if all_reduce is not None:
+                all_reduce(losses)
+                losses /= world
+            loss, main, mtp, balance = losses.tolist()
+            dt = time.time() - t0
+            tps = tokens_since / dt
+            rec = dict(step=step + 1, loss=loss, main=main, mtp=mtp, balance=balance,
+                       maxvio=max(maxvio) if maxvio else 0.0, lr=lr, lam=lam, gamma=gamma,
+                       grad_norm=grad_norm.item(), tokens_per_s=tps)
+            if device.type == "cuda":
+                rec["mfu"] = tps * flops_per_token / world / H200_BF16_FLOPS
+                rec["memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+            print0(f"step {step + 1}: loss {loss:.4f} (main {main:.4f}, mtp {mtp:.4f}, balance {balance:.2e}), "
+                   f"maxvio {rec['maxvio']:.3f}, lr {lr:.2e}, {tps:,.0f} tokens/s"
+                   + (f", MFU {rec['mfu']:.1%}, {rec['memory_gb']:.1f} GB" if "mfu" in rec else ""))
+            if log_file:
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+            t0, tokens_since = time.time(), 0
+
+        if (step + 1) % c.eval_interval == 0 or step + 1 == last_stop:
+            val = evaluate(model, val_loader, c.eval_iters, autocast, device)
+            ema.swap(model)
+            val_ema = evaluate(model, val_loader, c.eval_iters, autocast, device)
+            ema.swap(model)
+            print0(f"step {step + 1}: val loss {val:.4f}, EMA val loss {val_ema:.4f}")
+            if log_file:
+                log_file.write(json.dumps(dict(step=step + 1, val_loss=val, val_loss_ema=val_ema)) + "\n")
+                log_file.flush()
+            if master:
+                checkpoint(step + 1)
+            t0, tokens_since = time.time(), 0  # evaluation time is not training time
+    bar.close()
+    ema.wait()
+    if log_file:
+        log_file.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
