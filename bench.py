@@ -1,7 +1,8 @@
 """
 Benchmarks, one section per part of the system: `python bench.py <what>`.
 
-    python bench.py fp8     fine-grained FP8 (fp8.py): GEMMs against BF16 and cuBLAS's blockwise
+    python bench.py fp8 [--profile=DIR]
+                            fine-grained FP8 (fp8.py): GEMMs against BF16 and cuBLAS's blockwise
                             FP8, quantization bandwidth against a device copy, FP8Linear and the
                             grouped expert GEMMs forward+backward against BF16, and the promotion
                             emulation of 3.3.2 (that last part also runs on the CPU)
@@ -25,7 +26,20 @@ def _header(title):
         print(" | no triton")
 
 
-def bench_fp8():
+def _profile(step, path):
+    """One profiled call of step(): the CUDA kernels and their times, written to path."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+
+
+def bench_fp8(profile_dir=None):
+    """profile_dir: also write torch.profiler tables of the FP8Linear and expert steps there."""
     import torch.nn as nn
 
     import fp8
@@ -102,12 +116,13 @@ def bench_fp8():
     x = torch.randn(M, d, device=dev, dtype=bf16, requires_grad=True)
     dy = torch.randn(M, d, device=dev, dtype=bf16)
 
+    def fwd_bwd_once(layer, autocast):
+        with torch.autocast(dev, bf16, enabled=autocast):
+            y = layer(x)
+        y.backward(dy)
+
     def fwd_bwd(layer, autocast):
-        def step():
-            with torch.autocast(dev, bf16, enabled=autocast):
-                y = layer(x)
-            y.backward(dy)
-        return ms(step, grad_to_none=[x, layer.weight])
+        return ms(lambda: fwd_bwd_once(layer, autocast), grad_to_none=[x, layer.weight])
 
     for master in (bf16, torch.float32):
         autocast = master == torch.float32
@@ -124,6 +139,8 @@ def bench_fp8():
                 row += f" | FP8 {impl} failed: {str(e).splitlines()[0][:60]}"
         fp8.gemm_impl = "auto"
         print(row)
+        if profile_dir:
+            _profile(lambda: fwd_bwd_once(lin, autocast), f"{profile_dir}/fp8linear_{str(master)[6:]}.txt")
 
     print("\n-- routed experts forward+backward: 8 experts x 2048 tokens (uneven), 7168 -> 2048 (ms)")
     E, K, N = 8, 7168, 2048
@@ -148,6 +165,8 @@ def bench_fp8():
     for impl in ("triton", "loop"):
         fp8.grouped_impl = impl
         row += f" | FP8 {impl} {run(fp8.fp8_grouped_linear):6.2f}"
+        if profile_dir:
+            _profile(lambda: fp8.fp8_grouped_linear(x, w, offs).backward(dy), f"{profile_dir}/experts_{impl}.txt")
     fp8.grouped_impl = "auto"
     print(row)
 
@@ -157,5 +176,6 @@ SECTIONS = {"fp8": bench_fp8}
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what not in SECTIONS:
-        sys.exit(f"usage: python bench.py <{'|'.join(SECTIONS)}>")
-    SECTIONS[what]()
+        sys.exit(f"usage: python bench.py <{'|'.join(SECTIONS)}> [--profile=DIR]")
+    kwargs = {"profile_dir": a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--profile=")}
+    SECTIONS[what](**kwargs)

@@ -119,7 +119,8 @@ def _use_triton(x, impl):
 
 
 def _scale_from_amax(amax, pow2=False):
-    s = amax.float().clamp(min=EPS) / FP8_MAX
+    amax = amax.float().clamp(min=EPS)
+    s = amax / torch.full_like(amax, FP8_MAX)   # a tensor divisor: CUDA turns "/ scalar" into "* (1/scalar)"
     if pow2:  # round up to a power of two: add a mantissa's worth, keep the exponent bits
         s = ((s.view(torch.int32) + 0x7FFFFF) & 0x7F800000).view(torch.float32)
     return s
@@ -128,7 +129,7 @@ def _scale_from_amax(amax, pow2=False):
 def act_quant_ref(x, block_size=BLOCK, pow2=False):
     """Plain torch: 1x128 tiles along the last dim. Returns x_fp8 (..., K) and s (..., K/128)."""
     _check_multiple(x.shape[-1], "last dim of the activation", block_size)
-    xb = x.float().unflatten(-1, (-1, block_size))                 # (..., K/128, 128)
+    xb = x.float().contiguous().unflatten(-1, (-1, block_size))    # (..., K/128, 128)
     s = _scale_from_amax(xb.abs().amax(-1), pow2)                  # (..., K/128)
     x_fp8 = (xb / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return x_fp8.flatten(-2), s                                    # (..., K)
@@ -171,6 +172,12 @@ if HAS_TRITON:
             s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
         return s
 
+    def _tuned(configs, key):
+        """Autotune on the GPU; under the interpreter (which cannot time kernels) take the first."""
+        return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)
+
+    @_tuned([triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in ((64, 4), (32, 4), (128, 8), (64, 8))],
+            key=["stride_xm"])
     @triton.jit
     def _act_quant_kernel(x_ptr, y_ptr, s_ptr, M, stride_xm, stride_ym, stride_sm, stride_sk,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, POW2: tl.constexpr):
@@ -199,6 +206,8 @@ if HAS_TRITON:
         tl.store(y_ptr + offs_n[:, None] * stride_y + offs_k[None, :], y.to(y_ptr.dtype.element_ty))
         tl.store(s_ptr + pid_n * stride_sn + pid_k * stride_sk, s)
 
+    @_tuned([triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in ((64, 4), (128, 8), (128, 4), (32, 4))],
+            key=["stride_xm", "HAS_XS"])
     @triton.jit
     def _act_quant_t_kernel(x_ptr, xs_ptr, y_ptr, s_ptr, rows_ptr, M, stride_xm, stride_xsm, stride_xsk,
                             stride_yk, stride_smb, HAS_XS: tl.constexpr, GROUPED: tl.constexpr,
@@ -250,10 +259,9 @@ def act_quant(x, block_size=BLOCK, pow2=False, out_dtype=FP8):
     s = _mmajor_empty(M, K // block_size, x.device)                # (M, K/128), M-major
     if M == 0:
         return y.view(x.shape), s.view(*x.shape[:-1], K // block_size)
-    BLOCK_M = 64
-    grid = (triton.cdiv(M, BLOCK_M), K // block_size)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), K // block_size)
     _act_quant_kernel[grid](x2, y, s, M, x2.stride(0), y.stride(0), s.stride(0), s.stride(1),
-                            BLOCK_M=BLOCK_M, BLOCK_K=block_size, POW2=pow2, num_warps=4)
+                            BLOCK_K=block_size, POW2=pow2)
     return y.view(x.shape), s.view(*x.shape[:-1], K // block_size)
 
 
@@ -306,12 +314,10 @@ def act_quant_t(x, x_s=None, block_size=BLOCK, pow2=False, out_dtype=FP8, bounds
     if nb == 0:
         return y, s
     xs = x_s if x_s is not None else s                             # s: a dummy when HAS_XS=False
-    BLOCK_K = 64
-    grid = (nb, K // BLOCK_K)
+    grid = lambda meta: (nb, K // meta["BLOCK_K"])
     _act_quant_t_kernel[grid](x, xs, y, s, rows if rows is not None else s, M, x.stride(0), xs.stride(0),
                               xs.stride(1), y.stride(0), s.stride(1), HAS_XS=x_s is not None,
-                              GROUPED=rows is not None, BLOCK_M=block_size, BLOCK_K=BLOCK_K,
-                              QBLOCK=block_size, POW2=pow2, num_warps=4)
+                              GROUPED=rows is not None, BLOCK_M=block_size, QBLOCK=block_size, POW2=pow2)
     return y, s
 
 # -----------------------------------------------------------------------------
@@ -363,7 +369,7 @@ if HAS_TRITON:
     def _promoted_mma(a_ptr, b_ptr, as_ptr, bs_ptr, offs_m, offs_n, k_lo, k_hi,
                       stride_am, stride_bn, stride_asm, stride_ask, stride_bsn, stride_bsk,
                       B_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
         # sum over K-blocks k in [k_lo, k_hi) of (a[m, k] @ b[n, k]^T) * s_a[m, k] * s_b[n, k]
         # a [M, K] and b [N, K] are both K-major, as Hopper's FP8 WGMMA wants them.
         offs_k = k_lo * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -375,30 +381,39 @@ if HAS_TRITON:
         else:           # 128x128 blocks of b (a weight)
             bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * stride_bsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(k_lo, k_hi):
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-            s_a = tl.load(as_ptrs + k * stride_ask)
-            s_b = tl.load(bs_ptrs + k * stride_bsk)
-            part = tl.dot(a, tl.trans(b))                # tensor cores: one 128-deep block, FP32 out
-            acc += part * (s_a[:, None] * s_b[None, :])  # promotion: scale, add in FP32 registers
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
+        if not PIPE:
+            for k in range(k_lo, k_hi):
+                part = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)))  # tensor cores: one block, FP32 out
+                s_a, s_b = tl.load(as_ptrs + k * stride_ask), tl.load(bs_ptrs + k * stride_bsk)
+                acc += part * (s_a[:, None] * s_b[None, :])  # promotion: scale, add in FP32 registers
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+        elif k_hi > k_lo:  # the same, with block k+1's MMA issued before block k is promoted
+            part = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)))
+            s_a, s_b = tl.load(as_ptrs + k_lo * stride_ask), tl.load(bs_ptrs + k_lo * stride_bsk)
+            for k in range(k_lo + 1, k_hi):
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+                nxt = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)))
+                acc += part * (s_a[:, None] * s_b[None, :])
+                part = nxt
+                s_a, s_b = tl.load(as_ptrs + k * stride_ask), tl.load(bs_ptrs + k * stride_bsk)
+            acc += part * (s_a[:, None] * s_b[None, :])
         return acc
 
     def _gemm_configs():
-        cfg = lambda bm, bn, w, st: triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8},
-                                                  num_warps=w, num_stages=st)
-        configs = [cfg(128, 128, 8, 4), cfg(128, 256, 8, 3), cfg(128, 128, 4, 3),
-                   cfg(64, 128, 4, 4), cfg(64, 256, 8, 3)]
-        return configs[:1] if INTERPRET else configs   # the interpreter cannot time kernels
+        cfg = lambda bm, bn, w, st, pipe: triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "PIPE": pipe}, num_warps=w, num_stages=st)
+        configs = [cfg(64, 128, 4, 4, True), cfg(64, 128, 4, 4, False), cfg(64, 128, 4, 3, True),
+                   cfg(128, 128, 8, 3, True), cfg(128, 128, 8, 3, False), cfg(128, 128, 8, 4, True)]
+        return configs
 
-    @triton.autotune(configs=_gemm_configs(), key=["N", "K", "B_PER_ROW"])
+    @_tuned(_gemm_configs(), key=["N", "K", "B_PER_ROW"])
     @triton.jit
     def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
                          stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
                          B_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PIPE: tl.constexpr):
         # c (M, N) = a (M, K) @ b (N, K)^T, one (BLOCK_M, BLOCK_N) tile per program
         pid = tl.program_id(0)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -410,7 +425,7 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _promoted_mma(a_ptr, b_ptr, as_ptr, bs_ptr, tl.minimum(offs_m, M - 1), tl.minimum(offs_n, N - 1),
                             0, K // BLOCK_K, stride_am, stride_bn, stride_asm, stride_ask, stride_bsn,
-                            stride_bsk, B_PER_ROW, BLOCK_M, BLOCK_N, BLOCK_K)
+                            stride_bsk, B_PER_ROW, BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -418,7 +433,7 @@ if HAS_TRITON:
     def _fp8_gemm_rows_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tiles_ptr, num_tiles, N, K,
                                       stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_ask,
                                       stride_bse, stride_bsn, stride_bsk, BLOCK_M: tl.constexpr,
-                                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
         # Fprop/Dgrad of the routed experts: rows of a sorted by expert, b (E, N, K) stacked.
         # tiles (3, num_tiles): expert, first row, end row of each tile of at most BLOCK_M rows.
         t, pid_n = tl.program_id(0), tl.program_id(1)
@@ -429,7 +444,7 @@ if HAS_TRITON:
         acc = _promoted_mma(a_ptr, b_ptr + e * stride_be, as_ptr, bs_ptr + e * stride_bse,
                             tl.minimum(offs_m, row_end - 1), tl.minimum(offs_n, N - 1), 0, K // BLOCK_K,
                             stride_am, stride_bn, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                            False, BLOCK_M, BLOCK_N, BLOCK_K)
+                            False, BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
         mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -437,7 +452,7 @@ if HAS_TRITON:
     def _fp8_gemm_k_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, kblocks_ptr, M, N,
                                    stride_am, stride_bn, stride_ce, stride_cm, stride_asm, stride_ask,
                                    stride_bsn, stride_bsk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                   BLOCK_K: tl.constexpr):
+                                   BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
         # Wgrad of the routed experts: c[e] = a[:, tokens of e] @ b[:, tokens of e]^T, where each
         # expert's tokens are whole K-blocks kblocks[e] .. kblocks[e+1] (padded per expert).
         pid, e = tl.program_id(0), tl.program_id(1)
@@ -448,7 +463,7 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _promoted_mma(a_ptr, b_ptr, as_ptr, bs_ptr, tl.minimum(offs_m, M - 1), tl.minimum(offs_n, N - 1),
                             k_lo, k_hi, stride_am, stride_bn, stride_asm, stride_ask, stride_bsn,
-                            stride_bsk, True, BLOCK_M, BLOCK_N, BLOCK_K)
+                            stride_bsk, True, BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
@@ -456,13 +471,13 @@ if HAS_TRITON:
 
 def fp8_gemm_triton(a, a_s, b, b_s, out_dtype=torch.bfloat16):
     _check_gemm(a, a_s, b, b_s)
-    assert a.stride(1) == 1 and b.stride(1) == 1, "fp8_gemm: a and b must be K-major (row-major)"
+    a, b = (t if t.stride(1) == 1 else t.contiguous() for t in (a, b))   # both K-major
     M, K = a.shape
     N = b.shape[0]
     per_row = _b_scales_per_row(b, b_s)
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)
-    if M == 0:
-        return c
+    if M == 0 or N == 0 or K == 0:
+        return c.zero_()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _fp8_gemm_kernel[grid](a, b, c, a_s, b_s, M, N, K, a.stride(0), b.stride(0), c.stride(0),
                            a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
@@ -482,9 +497,14 @@ def fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype=torch.bfloat16):
     row-major, b column-major (b^T is our K-major b), 1x128 scales M-major, and 128x128 scales of
     b^T row-major; it promotes to FP32 once per 128 in K as well."""
     _check_gemm(a, a_s, b, b_s)
+    if a.shape[0] % 4:
+        raise ValueError(f"fp8_gemm_scaled_mm: M = {a.shape[0]} is not a multiple of 4 (1x128 scales are read M-major)")
     if _b_scales_per_row(b, b_s):
         scale_b = _mmajor(b_s).t()                                 # (K/128, N), 1x128 of b^T
     else:
+        if b_s.shape[0] > 1 and b_s.shape[1] % 4:  # seen on the H200 (torch 2.11): rows read as if padded to 4
+            raise ValueError(f"fp8_gemm_scaled_mm: cuBLAS misreads 128x128 scales whose rows "
+                             f"(K/128 = {b_s.shape[1]}) are not a multiple of 4 floats")
         scale_b = b_s.contiguous().t()                             # (K/128, N/128)
     return torch._scaled_mm(a, b.t(), scale_a=_mmajor(a_s), scale_b=scale_b, out_dtype=out_dtype)
 
@@ -514,11 +534,11 @@ def fp8_gemm(a, a_s, b, b_s, out_dtype=torch.bfloat16):
         if not a.is_cuda:
             impl = "torch"
         else:
-            key = (b.shape[0], a.shape[1], b_s.shape[0] == b.shape[0], out_dtype, a.shape[0] % 16 == 0)
+            key = (b.shape[0], a.shape[1], b_s.shape[0] == b.shape[0], out_dtype)
             if a.shape[0] % 16 == 0 and HAS_SCALED_MM and _scaled_mm_works(a.device) and not _scaled_mm_refused.get(key):
                 try:
                     return fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype)
-                except RuntimeError:       # e.g. scale strides cuBLAS cannot take
+                except (RuntimeError, ValueError):   # scale layouts cuBLAS cannot take
                     _scaled_mm_refused[key] = True
             impl = "triton" if HAS_TRITON else "torch"
     if impl == "triton":
@@ -643,6 +663,9 @@ class FP8Linear(nn.Linear):
 # 5. Routed experts: the same three FP8 GEMMs per expert, over tokens sorted by expert
 
 grouped_impl = "auto"   # "auto" (triton on CUDA) | "triton" (grouped kernels) | "loop" (fp8_gemm per expert)
+# tiles of the grouped kernels (not autotuned: the row-tile table depends on BLOCK_M)
+GROUPED_ROWS_CFG = dict(BLOCK_M=64, BLOCK_N=128, PIPE=True, num_warps=4, num_stages=4)
+GROUPED_K_CFG = dict(BLOCK_M=64, BLOCK_N=128, PIPE=False, num_warps=4, num_stages=4)
 
 
 def _grouped_triton(x):
@@ -676,16 +699,15 @@ def fp8_grouped_gemm_rows(a, a_s, b, b_s, bounds, out_dtype=torch.bfloat16):
             if t > s:
                 c[s:t] = fp8_gemm(a[s:t], a_s[s:t], b[e], b_s[e], out_dtype)
         return c
-    BLOCK_M, BLOCK_N = 64, 128
+    BLOCK_M = GROUPED_ROWS_CFG["BLOCK_M"]
     tiles = [(e, r, min(r + BLOCK_M, t)) for e, (s, t) in enumerate(bounds) for r in range(s, t, BLOCK_M)]
     if not tiles:
         return c
     table = torch.tensor(tiles, dtype=torch.int32).t().contiguous().to(a.device)   # (3, tiles)
-    grid = (len(tiles), triton.cdiv(N, BLOCK_N))
+    grid = (len(tiles), triton.cdiv(N, GROUPED_ROWS_CFG["BLOCK_N"]))
     _fp8_gemm_rows_grouped_kernel[grid](a, b, c, a_s, b_s, table, len(tiles), N, K, a.stride(0), b.stride(0),
                                         b.stride(1), c.stride(0), a_s.stride(0), a_s.stride(1), b_s.stride(0),
-                                        b_s.stride(1), b_s.stride(2), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                        BLOCK_K=BLOCK, num_warps=4, num_stages=4)
+                                        b_s.stride(1), b_s.stride(2), BLOCK_K=BLOCK, **GROUPED_ROWS_CFG)
     return c
 
 
@@ -702,12 +724,12 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
                 c[e] = fp8_gemm(a[:, cols], a_s[:, lo:hi], b[:, cols], b_s[:, lo:hi], out_dtype)
         return c
     c = torch.empty(E, M, N, dtype=out_dtype, device=a.device)
-    BLOCK_M, BLOCK_N = 128, 128
+    cfg = GROUPED_K_CFG
     table = torch.tensor(kblocks, dtype=torch.int32).to(a.device)
-    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N), E)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), E)
     _fp8_gemm_k_grouped_kernel[grid](a, b, c, a_s, b_s, table, M, N, a.stride(0), b.stride(0), c.stride(0),
                                      c.stride(1), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
-                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK, num_warps=8, num_stages=4)
+                                     BLOCK_K=BLOCK, **cfg)
     return c
 
 

@@ -218,12 +218,15 @@ def test_triton_gemm_matches_torch(device, b_tiles):
     b, b_s = fp8.weight_quant(torch.randn(N, K, device=device)) if b_tiles == "128x128" else \
         fp8.act_quant(activations(N, K, device))
     ref = fp8.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)
+    # Inside each 128-deep block the GPU's FP8 MMA keeps only ~14 bits (the very effect promotion
+    # bounds): measured 2e-4 on an H200. The interpreter (NumPy) sums exactly: 1e-7.
+    tol = 1e-3 if device == "cuda" else 1e-6
     fp8.gemm_impl = "triton"
-    assert rel(fp8.fp8_gemm(a, a_s, b, b_s, torch.float32), ref) < 1e-6
+    assert rel(fp8.fp8_gemm(a, a_s, b, b_s, torch.float32), ref) < tol
     assert rel(fp8.fp8_gemm(a, a_s, b, b_s), ref) < 4e-3
     if device == "cuda":
         fp8.gemm_impl = "scaled_mm"
-        assert rel(fp8.fp8_gemm(a, a_s, b, b_s, torch.float32), ref) < 1e-6
+        assert rel(fp8.fp8_gemm(a, a_s, b, b_s, torch.float32), ref) < tol
         fp8.gemm_impl = "auto"
         assert rel(fp8.fp8_gemm(a, a_s, b, b_s), ref) < 4e-3
 
@@ -245,7 +248,7 @@ def test_triton_grouped_gemms_match_loop(device):
 @cuda_only
 @pytest.mark.parametrize("impl", ["triton", "scaled_mm", "auto"])
 def test_fp8_linear_gpu_matches_torch_path(impl):
-    M, K, N = 1000, 1024, 768
+    M, K, N = 1000, 1024, 1536           # K/128 and N/128 multiples of 4: cuBLAS takes every GEMM
     x, dy = activations(M, K, "cuda").to(torch.bfloat16), torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
     lin = fp8.FP8Linear(K, N, device="cuda")
     res = {}
@@ -259,6 +262,17 @@ def test_fp8_linear_gpu_matches_torch_path(impl):
         res[name] = (y, xx.grad, lin.weight.grad)
     for g, r in zip(res[impl], res["torch"]):
         assert rel(g, r) < 5e-3                                # BF16 outputs, same FP8 operands
+
+
+@cuda_only
+def test_scaled_mm_refuses_unaligned_block_scales_and_auto_falls_back():
+    a, a_s = fp8.act_quant(activations(256, 768, "cuda"))
+    b, b_s = fp8.weight_quant(torch.randn(256, 768, device="cuda"))   # rows of 768/128 = 6 scales
+    ref = fp8.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        fp8.fp8_gemm_scaled_mm(a, a_s, b, b_s)
+    fp8.gemm_impl = "auto"
+    assert rel(fp8.fp8_gemm(a, a_s, b, b_s, torch.float32), ref) < 1e-3
 
 
 @cuda_only
