@@ -194,16 +194,20 @@ if HAS_TRITON:
         tl.store(s_ptr + offs_m * stride_sm + pid_k * stride_sk, s, mask=offs_m < M)
 
     @triton.jit
-    def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, stride_w, stride_y, stride_sn, stride_sk,
-                             BLOCK_K: tl.constexpr, POW2: tl.constexpr):
-        # one program: one 128x128 block
+    def _weight_quant_kernel(w_ptr, y_ptr, yt_ptr, s_ptr, N, K, stride_w, stride_y, stride_sn, stride_sk,
+                             BLOCK_K: tl.constexpr, POW2: tl.constexpr, TRANSPOSED: tl.constexpr):
+        # one program: one 128x128 block; with TRANSPOSED, also write it into W^T (.., K, N) for Dgrad
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_K + tl.arange(0, BLOCK_K)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_k[None, :]).to(tl.float32)
         s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-        y = tl.clamp(tl.math.div_rn(w, s), -448.0, 448.0)
-        tl.store(y_ptr + offs_n[:, None] * stride_y + offs_k[None, :], y.to(y_ptr.dtype.element_ty))
+        y = tl.clamp(tl.math.div_rn(w, s), -448.0, 448.0).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs_n[:, None] * stride_y + offs_k[None, :], y)
+        if TRANSPOSED:  # stacked experts: block rows never straddle two (N is a multiple of 128)
+            e = (pid_n * BLOCK_K // N).to(tl.int64)
+            yt_ptrs = yt_ptr + e * K * N + offs_k[None, :] * N + (offs_n - e * N)[:, None]
+            tl.store(yt_ptrs, y)
         tl.store(s_ptr + pid_n * stride_sn + pid_k * stride_sk, s)
 
     @_tuned([triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in ((64, 4), (128, 8), (128, 4), (32, 4))],
@@ -265,11 +269,13 @@ def act_quant(x, block_size=BLOCK, pow2=False, out_dtype=FP8):
     return y.view(x.shape), s.view(*x.shape[:-1], K // block_size)
 
 
-def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8):
-    """128x128 blocks: w (..., N, K) -> w_fp8 (..., N, K), s (..., N/128, K/128) in FP32."""
+def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8, transposed=False):
+    """128x128 blocks: w (..., N, K) -> w_fp8 (..., N, K), s (..., N/128, K/128) in FP32.
+    transposed=True also returns w_fp8^T (..., K, N) contiguous, for Dgrad (its scales: s^T)."""
     if not _use_triton(w, quant_impl):
         y, s = weight_quant_ref(w, block_size, pow2)
-        return y.to(out_dtype) if out_dtype != FP8 else y, s
+        y = y.to(out_dtype) if out_dtype != FP8 else y
+        return (y, s, y.transpose(-2, -1).contiguous()) if transposed else (y, s)
     N, K = w.shape[-2:]
     _check_multiple(N, "weight rows (out_features)", block_size)
     _check_multiple(K, "weight columns (in_features)", block_size)
@@ -277,11 +283,13 @@ def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8):
     if w2.stride(-1) != 1:
         w2 = w2.contiguous()
     y = torch.empty(w2.shape, dtype=out_dtype, device=w.device)
+    yt = torch.empty(*w.shape[:-2], K, N, dtype=out_dtype, device=w.device) if transposed else y
     s = torch.empty(w2.shape[0] // block_size, K // block_size, dtype=torch.float32, device=w.device)
     grid = (w2.shape[0] // block_size, K // block_size)
-    _weight_quant_kernel[grid](w2, y, s, w2.stride(0), y.stride(0), s.stride(0), s.stride(1),
-                               BLOCK_K=block_size, POW2=pow2, num_warps=8)
-    return y.view(w.shape), s.view(*w.shape[:-2], N // block_size, K // block_size)
+    _weight_quant_kernel[grid](w2, y, yt, s, N, K, w2.stride(0), y.stride(0), s.stride(0), s.stride(1),
+                               BLOCK_K=block_size, POW2=pow2, TRANSPOSED=transposed, num_warps=8)
+    s = s.view(*w.shape[:-2], N // block_size, K // block_size)
+    return (y.view(w.shape), s, yt) if transposed else (y.view(w.shape), s)
 
 
 def act_quant_t(x, x_s=None, block_size=BLOCK, pow2=False, out_dtype=FP8, bounds=None):
@@ -347,7 +355,7 @@ def _check_gemm(a, a_s, b, b_s):
     assert b_s.shape[1] == K // BLOCK
 
 
-def fp8_gemm_ref(a, a_s, b, b_s, out_dtype=torch.bfloat16):
+def fp8_gemm_ref(a, a_s, b, b_s, out_dtype=torch.bfloat16, out=None):
     """Plain torch: c = dequant(a) @ dequant(b)^T, one 128-deep K-block at a time, each block's
     FP32 product multiplied by its two scales and added to an FP32 accumulator."""
     _check_gemm(a, a_s, b, b_s)
@@ -361,7 +369,7 @@ def fp8_gemm_ref(a, a_s, b, b_s, out_dtype=torch.bfloat16):
             blk = slice(k * BLOCK, (k + 1) * BLOCK)
             part = a[:, blk].float() @ b[:, blk].float().t()       # (M, N): the tensor cores' part
             acc += part * (a_s[:, k, None] * b_s[None, :, k])      # promotion, scales applied
-    return acc.to(out_dtype)
+    return acc.to(out_dtype) if out is None else out.copy_(acc)
 
 
 if HAS_TRITON:
@@ -405,7 +413,8 @@ if HAS_TRITON:
         cfg = lambda bm, bn, w, st, pipe: triton.Config(
             {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "PIPE": pipe}, num_warps=w, num_stages=st)
         configs = [cfg(64, 128, 4, 4, True), cfg(64, 128, 4, 4, False), cfg(64, 128, 4, 3, True),
-                   cfg(128, 128, 8, 3, True), cfg(128, 128, 8, 3, False), cfg(128, 128, 8, 4, True)]
+                   cfg(128, 128, 8, 3, True), cfg(128, 128, 8, 3, False), cfg(128, 128, 8, 4, True),
+                   cfg(64, 128, 4, 5, False), cfg(64, 64, 4, 5, False), cfg(128, 64, 4, 4, False)]
         return configs
 
     @_tuned(_gemm_configs(), key=["N", "K", "B_PER_ROW"])
@@ -469,13 +478,13 @@ if HAS_TRITON:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-def fp8_gemm_triton(a, a_s, b, b_s, out_dtype=torch.bfloat16):
+def fp8_gemm_triton(a, a_s, b, b_s, out_dtype=torch.bfloat16, out=None):
     _check_gemm(a, a_s, b, b_s)
     a, b = (t if t.stride(1) == 1 else t.contiguous() for t in (a, b))   # both K-major
     M, K = a.shape
     N = b.shape[0]
     per_row = _b_scales_per_row(b, b_s)
-    c = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device) if out is None else out   # rows: stride(1) == 1
     if M == 0 or N == 0 or K == 0:
         return c.zero_()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -492,7 +501,7 @@ def _mmajor(s):
     return s.t().contiguous().t()
 
 
-def fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype=torch.bfloat16):
+def fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype=torch.bfloat16, out=None):
     """cuBLAS's blockwise FP8 GEMM through torch._scaled_mm (Hopper, CUDA >= 12.9). It wants a
     row-major, b column-major (b^T is our K-major b), 1x128 scales M-major, and 128x128 scales of
     b^T row-major; it promotes to FP32 once per 128 in K as well."""
@@ -506,7 +515,13 @@ def fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype=torch.bfloat16):
             raise ValueError(f"fp8_gemm_scaled_mm: cuBLAS misreads 128x128 scales whose rows "
                              f"(K/128 = {b_s.shape[1]}) are not a multiple of 4 floats")
         scale_b = b_s.contiguous().t()                             # (K/128, N/128)
-    return torch._scaled_mm(a, b.t(), scale_a=_mmajor(a_s), scale_b=scale_b, out_dtype=out_dtype)
+    args = dict(scale_a=_mmajor(a_s), scale_b=scale_b, out_dtype=out_dtype)
+    if out is None:
+        return torch._scaled_mm(a, b.t(), **args)
+    try:
+        return torch._scaled_mm(a, b.t(), **args, out=out)
+    except TypeError:   # a torch without the out= overload
+        return out.copy_(torch._scaled_mm(a, b.t(), **args))
 
 
 _scaled_mm_refused = {}   # shapes cuBLAS turned down once: "auto" sends them to Triton after that
@@ -525,8 +540,8 @@ def _scaled_mm_works(device):
     return not _scaled_mm_refused[key]
 
 
-def fp8_gemm(a, a_s, b, b_s, out_dtype=torch.bfloat16):
-    """c (M, N) = dequant(a) @ dequant(b)^T in out_dtype (BF16 or FP32).
+def fp8_gemm(a, a_s, b, b_s, out_dtype=torch.bfloat16, out=None):
+    """c (M, N) = dequant(a) @ dequant(b)^T in out_dtype (BF16 or FP32), written into out if given.
     a (M, K) FP8 with 1x128 scales a_s (M, K/128); b (N, K) FP8 with 128x128 scales (N/128, K/128)
     or 1x128 scales (N, K/128). K must be a multiple of 128. gemm_impl picks the path."""
     impl = gemm_impl
@@ -537,16 +552,16 @@ def fp8_gemm(a, a_s, b, b_s, out_dtype=torch.bfloat16):
             key = (b.shape[0], a.shape[1], b_s.shape[0] == b.shape[0], out_dtype)
             if a.shape[0] % 16 == 0 and HAS_SCALED_MM and _scaled_mm_works(a.device) and not _scaled_mm_refused.get(key):
                 try:
-                    return fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype)
+                    return fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype, out)
                 except (RuntimeError, ValueError):   # scale layouts cuBLAS cannot take
                     _scaled_mm_refused[key] = True
             impl = "triton" if HAS_TRITON else "torch"
     if impl == "triton":
-        return fp8_gemm_triton(a, a_s, b, b_s, out_dtype)
+        return fp8_gemm_triton(a, a_s, b, b_s, out_dtype, out)
     if impl == "scaled_mm":
-        return fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype)
+        return fp8_gemm_scaled_mm(a, a_s, b, b_s, out_dtype, out)
     if impl == "torch":
-        return fp8_gemm_ref(a, a_s, b, b_s, out_dtype)
+        return fp8_gemm_ref(a, a_s, b, b_s, out_dtype, out)
     raise ValueError(f"fp8: unknown gemm_impl {impl!r}")
 
 
@@ -604,27 +619,26 @@ class _FP8LinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, out_dtype):
         with torch.autocast(x.device.type, enabled=False):
             x_fp8, x_s = act_quant(x, pow2=pow2_scales)            # (M, K), (M, K/128)
-            w_fp8, w_s = weight_quant(weight, pow2=pow2_scales)    # (N, K), (N/128, K/128)
+            w_fp8, w_s, wT_fp8 = weight_quant(weight, pow2=pow2_scales, transposed=True)  # (N, K), (N/128, K/128), (K, N)
             y = fp8_gemm(x_fp8, x_s, w_fp8, w_s, out_dtype)        # Fprop (M, N)
-        ctx.save_for_backward(x_fp8, x_s, w_fp8, w_s)              # x kept in FP8, not BF16
+        ctx.save_for_backward(x_fp8, x_s, wT_fp8, w_s)             # x kept in FP8, not BF16
         ctx.dtypes = (x.dtype, weight.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_fp8, x_s, w_fp8, w_s = ctx.saved_tensors
+        x_fp8, x_s, wT_fp8, w_s = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             dy = dy.contiguous()
             if ctx.needs_input_grad[0]:
                 dy_fp8, dy_s = act_quant(dy, pow2=pow2_scales)     # (M, N), 1x128 over N
-                dx = fp8_gemm(dy_fp8, dy_s, w_fp8.t().contiguous(), w_s.t(), x_dtype)  # Dgrad (M, K)
+                dx = fp8_gemm(dy_fp8, dy_s, wT_fp8, w_s.t(), x_dtype)  # Dgrad (M, K): W^T, same blocks
             if ctx.needs_input_grad[1]:
                 dyT_fp8, dyT_s = act_quant_t(dy, pow2=pow2_scales)           # (N, Mp), 128x1 of dy
                 xT_fp8, xT_s = act_quant_t(x_fp8, x_s, pow2=pow2_scales)     # (K, Mp), from the cache
-                dw = fp8_gemm(dyT_fp8, dyT_s, xT_fp8, xT_s,
-                              torch.float32 if w_dtype == torch.float32 else w_dtype)  # Wgrad (N, K)
+                dw = fp8_gemm(dyT_fp8, dyT_s, xT_fp8, xT_s, w_dtype)          # Wgrad (N, K), FP32 for FP32 masters
         return dx, dw, None
 
 
@@ -662,15 +676,18 @@ class FP8Linear(nn.Linear):
 # -----------------------------------------------------------------------------
 # 5. Routed experts: the same three FP8 GEMMs per expert, over tokens sorted by expert
 
-grouped_impl = "auto"   # "auto" (triton on CUDA) | "triton" (grouped kernels) | "loop" (fp8_gemm per expert)
+# "loop": fp8_gemm per expert (cuBLAS on Hopper); "triton": one grouped-kernel launch per GEMM.
+# "auto": loop where cuBLAS takes blockwise scales (measured faster at 8 experts on the H200),
+# else triton on CUDA; loop on the CPU.
+grouped_impl = "auto"
 # tiles of the grouped kernels (not autotuned: the row-tile table depends on BLOCK_M)
-GROUPED_ROWS_CFG = dict(BLOCK_M=64, BLOCK_N=128, PIPE=True, num_warps=4, num_stages=4)
+GROUPED_ROWS_CFG = dict(BLOCK_M=64, BLOCK_N=128, PIPE=False, num_warps=4, num_stages=4)
 GROUPED_K_CFG = dict(BLOCK_M=64, BLOCK_N=128, PIPE=False, num_warps=4, num_stages=4)
 
 
 def _grouped_triton(x):
     if grouped_impl == "auto":
-        return x.is_cuda and HAS_TRITON
+        return x.is_cuda and HAS_TRITON and not (HAS_SCALED_MM and _scaled_mm_works(x.device))
     return grouped_impl == "triton"
 
 
@@ -697,7 +714,7 @@ def fp8_grouped_gemm_rows(a, a_s, b, b_s, bounds, out_dtype=torch.bfloat16):
     if not _grouped_triton(a):
         for e, (s, t) in enumerate(bounds):
             if t > s:
-                c[s:t] = fp8_gemm(a[s:t], a_s[s:t], b[e], b_s[e], out_dtype)
+                fp8_gemm(a[s:t], a_s[s:t], b[e], b_s[e], out_dtype, out=c[s:t])
         return c
     BLOCK_M = GROUPED_ROWS_CFG["BLOCK_M"]
     tiles = [(e, r, min(r + BLOCK_M, t)) for e, (s, t) in enumerate(bounds) for r in range(s, t, BLOCK_M)]
@@ -716,12 +733,14 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
     a (M, Kt) and b (N, Kt) FP8 with 1x128 scales along Kt (the experts' padded tokens): Wgrad."""
     M, N, E = a.shape[0], b.shape[0], len(kblocks) - 1
     if not _grouped_triton(a):
-        c = torch.zeros(E, M, N, dtype=out_dtype, device=a.device)
+        c = torch.empty(E, M, N, dtype=out_dtype, device=a.device)
         for e in range(E):
             lo, hi = kblocks[e], kblocks[e + 1]
             if hi > lo:
                 cols = slice(lo * BLOCK, hi * BLOCK)
-                c[e] = fp8_gemm(a[:, cols], a_s[:, lo:hi], b[:, cols], b_s[:, lo:hi], out_dtype)
+                fp8_gemm(a[:, cols], a_s[:, lo:hi], b[:, cols], b_s[:, lo:hi], out_dtype, out=c[e])
+            else:
+                c[e].zero_()                                       # an expert that got no tokens
         return c
     c = torch.empty(E, M, N, dtype=out_dtype, device=a.device)
     cfg = GROUPED_K_CFG
@@ -740,30 +759,27 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         bounds = _group_bounds(offs)
         with torch.autocast(x.device.type, enabled=False):
             x_fp8, x_s = act_quant(x, pow2=pow2_scales)            # (M, K), rows are independent
-            w_fp8, w_s = weight_quant(w, pow2=pow2_scales)         # (E, N, K), (E, N/128, K/128)
+            w_fp8, w_s, wT_fp8 = weight_quant(w, pow2=pow2_scales, transposed=True)  # (E, N, K), (E, N/128, K/128), (E, K, N)
             y = fp8_grouped_gemm_rows(x_fp8, x_s, w_fp8, w_s, bounds, out_dtype)   # Fprop (M, N)
-        ctx.save_for_backward(x_fp8, x_s, w_fp8, w_s)
+        ctx.save_for_backward(x_fp8, x_s, wT_fp8, w_s)
         ctx.bounds, ctx.dtypes = bounds, (x.dtype, w.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_fp8, x_s, w_fp8, w_s = ctx.saved_tensors
+        x_fp8, x_s, wT_fp8, w_s = ctx.saved_tensors
         (x_dtype, w_dtype), bounds = ctx.dtypes, ctx.bounds
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             dy = dy.contiguous()
             if ctx.needs_input_grad[0]:
                 dy_fp8, dy_s = act_quant(dy, pow2=pow2_scales)     # (M, N)
-                wT_fp8 = w_fp8.transpose(1, 2).contiguous()        # (E, K, N), same blocks
                 dx = fp8_grouped_gemm_rows(dy_fp8, dy_s, wT_fp8, w_s.transpose(1, 2), bounds, x_dtype)  # Dgrad
             if ctx.needs_input_grad[1]:
                 # 128-token tiles must not straddle experts: each expert's tokens are padded apart
                 dyT_fp8, dyT_s = act_quant_t(dy, pow2=pow2_scales, bounds=bounds)        # (N, Mp)
                 xT_fp8, xT_s = act_quant_t(x_fp8, x_s, pow2=pow2_scales, bounds=bounds)  # (K, Mp)
-                dw = fp8_grouped_gemm_k(dyT_fp8, dyT_s, xT_fp8, xT_s, _group_kblocks(bounds),
-                                        torch.float32 if w_dtype == torch.float32 else w_dtype)  # Wgrad
-                dw = dw.to(w_dtype)                                # (E, N, K)
+                dw = fp8_grouped_gemm_k(dyT_fp8, dyT_s, xT_fp8, xT_s, _group_kblocks(bounds), w_dtype)  # Wgrad (E, N, K)
         return dx, dw, None, None
 
 

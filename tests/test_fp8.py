@@ -199,15 +199,18 @@ def test_triton_quant_matches_torch(device, pow2):
     x = activations(200, 512, device).to(torch.bfloat16)
     w = torch.randn(256, 384, device=device)
     groups = dict(bounds=[(0, 130), (130, 130), (130, 200)])
+    experts = torch.randn(3, 256, 384, device=device)
     for f, args, kw in ((fp8.act_quant, (x,), {}), (fp8.weight_quant, (w,), {}), (fp8.act_quant_t, (x,), {}),
                         (fp8.act_quant_t, fp8.act_quant_ref(x), {}), (fp8.act_quant_t, (x,), groups),
-                        (fp8.act_quant_t, fp8.act_quant_ref(x), groups)):
+                        (fp8.act_quant_t, fp8.act_quant_ref(x), groups),
+                        (fp8.weight_quant, (experts,), dict(transposed=True))):
         fp8.quant_impl = "torch"
-        y_ref, s_ref = f(*args, pow2=pow2, **kw)
+        ref = f(*args, pow2=pow2, **kw)
         fp8.quant_impl = "triton"
-        y, s = f(*args, pow2=pow2, out_dtype=out, **kw)
-        assert torch.equal(s, s_ref), f.__name__
-        assert torch.equal(_bits(y), _bits(y_ref)), f.__name__
+        got = f(*args, pow2=pow2, out_dtype=out, **kw)
+        assert torch.equal(got[1], ref[1]), f.__name__                          # scales
+        for g, r in zip(got[:1] + got[2:], ref[:1] + ref[2:]):                  # FP8 values (and W^T)
+            assert g.shape == r.shape and torch.equal(_bits(g), _bits(r)), f.__name__
 
 
 @kernel_devices
