@@ -96,8 +96,7 @@ def bench_fp8(profile_dir=None):
         tf = lambda t: flop / t / 1e9
         print(f"{M:>6} {K:>6} {N:>6} | {tf(t_bf):>5.0f} | {tf(t_cu):>6.0f} {tf(t_tr):>6.0f} | {t_bf / t_tr:>8.2f} "
               f"{t_cu / t_tr:>10.2f} {t_bf / t_cu:>11.2f} | {tf(w_cu):>12.0f} {tf(w_tr):>6.0f} | "
-              f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
-              f"{' pipelined' if cfg.kwargs['PIPE'] else ''}")
+              f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}")
 
     print(f"\n-- quantization GB/s (bytes read + written) against the copy's {copy_bw:.0f}")
     x = torch.randn(16384, 7168, device=dev, dtype=bf16)

@@ -70,11 +70,15 @@ quant_impl = "auto" | "triton" | "torch"
              the GPU does, multiply each 128-deep K-block in FP32 and promote. On the CPU FP8Linear
              runs this emulated path, so tests and `--fp8=True` work there too, slowly.
   auto:      scaled_mm on CUDA where cuBLAS takes the shapes, else triton; torch on the CPU.
-             (bench.py fp8 times both on the GPU; the faster one is the default.)
+             bench.py fp8 times both: on the H200 cuBLAS ran 1.06-1.28 PFLOP/s on DeepSeek-V3's
+             shapes, our Triton kernel 0.63-0.69, BF16 0.69-0.74, hence the default.
+grouped_impl = "auto" | "triton" | "loop" picks the routed experts' GEMMs (section 5).
 
 Simplified here: every FP8 tensor is E4M3 with FP32 scales (no E5M6 for the attention output's
 cached input, no FP8 dispatch traffic, no BF16 optimizer moments); the routed experts' GEMMs are a
-grouped Triton kernel or a loop over experts; feature dimensions must be multiples of 128.
+grouped Triton kernel or a loop over experts, and read the group sizes on the host (one sync);
+feature dimensions must be multiples of 128. FP8Linear runs eagerly: torch.compile breaks its
+graph around it.
 """
 
 import os
@@ -194,20 +198,16 @@ if HAS_TRITON:
         tl.store(s_ptr + offs_m * stride_sm + pid_k * stride_sk, s, mask=offs_m < M)
 
     @triton.jit
-    def _weight_quant_kernel(w_ptr, y_ptr, yt_ptr, s_ptr, N, K, stride_w, stride_y, stride_sn, stride_sk,
-                             BLOCK_K: tl.constexpr, POW2: tl.constexpr, TRANSPOSED: tl.constexpr):
-        # one program: one 128x128 block; with TRANSPOSED, also write it into W^T (.., K, N) for Dgrad
+    def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, stride_w, stride_y, stride_sn, stride_sk,
+                             BLOCK_K: tl.constexpr, POW2: tl.constexpr):
+        # one program: one 128x128 block
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_K + tl.arange(0, BLOCK_K)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_k[None, :]).to(tl.float32)
         s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-        y = tl.clamp(tl.math.div_rn(w, s), -448.0, 448.0).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + offs_n[:, None] * stride_y + offs_k[None, :], y)
-        if TRANSPOSED:  # stacked experts: block rows never straddle two (N is a multiple of 128)
-            e = (pid_n * BLOCK_K // N).to(tl.int64)
-            yt_ptrs = yt_ptr + e * K * N + offs_k[None, :] * N + (offs_n - e * N)[:, None]
-            tl.store(yt_ptrs, y)
+        y = tl.clamp(tl.math.div_rn(w, s), -448.0, 448.0)
+        tl.store(y_ptr + offs_n[:, None] * stride_y + offs_k[None, :], y.to(y_ptr.dtype.element_ty))
         tl.store(s_ptr + pid_n * stride_sn + pid_k * stride_sk, s)
 
     @_tuned([triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in ((64, 4), (128, 8), (128, 4), (32, 4))],
@@ -283,13 +283,16 @@ def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8, transposed=Fals
     if w2.stride(-1) != 1:
         w2 = w2.contiguous()
     y = torch.empty(w2.shape, dtype=out_dtype, device=w.device)
-    yt = torch.empty(*w.shape[:-2], K, N, dtype=out_dtype, device=w.device) if transposed else y
     s = torch.empty(w2.shape[0] // block_size, K // block_size, dtype=torch.float32, device=w.device)
     grid = (w2.shape[0] // block_size, K // block_size)
-    _weight_quant_kernel[grid](w2, y, yt, s, N, K, w2.stride(0), y.stride(0), s.stride(0), s.stride(1),
-                               BLOCK_K=block_size, POW2=pow2, TRANSPOSED=transposed, num_warps=8)
-    s = s.view(*w.shape[:-2], N // block_size, K // block_size)
-    return (y.view(w.shape), s, yt) if transposed else (y.view(w.shape), s)
+    _weight_quant_kernel[grid](w2, y, s, w2.stride(0), y.stride(0), s.stride(0), s.stride(1),
+                               BLOCK_K=block_size, POW2=pow2, num_warps=8)
+    y, s = y.view(w.shape), s.view(*w.shape[:-2], N // block_size, K // block_size)
+    if not transposed:
+        return y, s
+    # A torch copy (0.3 ms for 7168x7168 on the H200). Storing the tile a second time, transposed,
+    # from the kernel above wrote wrong bytes on the H200 with Triton 3.6 (right in the interpreter).
+    return y, s, y.transpose(-2, -1).contiguous()
 
 
 def act_quant_t(x, x_s=None, block_size=BLOCK, pow2=False, out_dtype=FP8, bounds=None):
@@ -377,7 +380,7 @@ if HAS_TRITON:
     def _promoted_mma(a_ptr, b_ptr, as_ptr, bs_ptr, offs_m, offs_n, k_lo, k_hi,
                       stride_am, stride_bn, stride_asm, stride_ask, stride_bsn, stride_bsk,
                       B_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
+                      BLOCK_K: tl.constexpr):
         # sum over K-blocks k in [k_lo, k_hi) of (a[m, k] @ b[n, k]^T) * s_a[m, k] * s_b[n, k]
         # a [M, K] and b [N, K] are both K-major, as Hopper's FP8 WGMMA wants them.
         offs_k = k_lo * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -389,40 +392,27 @@ if HAS_TRITON:
         else:           # 128x128 blocks of b (a weight)
             bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * stride_bsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if not PIPE:
-            for k in range(k_lo, k_hi):
-                part = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)))  # tensor cores: one block, FP32 out
-                s_a, s_b = tl.load(as_ptrs + k * stride_ask), tl.load(bs_ptrs + k * stride_bsk)
-                acc += part * (s_a[:, None] * s_b[None, :])  # promotion: scale, add in FP32 registers
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
-        elif k_hi > k_lo:  # the same, with block k+1's MMA issued before block k is promoted
-            part = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)))
-            s_a, s_b = tl.load(as_ptrs + k_lo * stride_ask), tl.load(bs_ptrs + k_lo * stride_bsk)
-            for k in range(k_lo + 1, k_hi):
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
-                nxt = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)))
-                acc += part * (s_a[:, None] * s_b[None, :])
-                part = nxt
-                s_a, s_b = tl.load(as_ptrs + k * stride_ask), tl.load(bs_ptrs + k * stride_bsk)
-            acc += part * (s_a[:, None] * s_b[None, :])
+        for k in range(k_lo, k_hi):
+            part = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)))  # tensor cores: one block, FP32 out
+            s_a, s_b = tl.load(as_ptrs + k * stride_ask), tl.load(bs_ptrs + k * stride_bsk)
+            acc += part * (s_a[:, None] * s_b[None, :])  # promotion: scale, add in FP32 registers
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
         return acc
 
     def _gemm_configs():
-        cfg = lambda bm, bn, w, st, pipe: triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "PIPE": pipe}, num_warps=w, num_stages=st)
-        configs = [cfg(64, 128, 4, 4, True), cfg(64, 128, 4, 4, False), cfg(64, 128, 4, 3, True),
-                   cfg(128, 128, 8, 3, True), cfg(128, 128, 8, 3, False), cfg(128, 128, 8, 4, True),
-                   cfg(64, 128, 4, 5, False), cfg(64, 64, 4, 5, False), cfg(128, 64, 4, 4, False)]
-        return configs
+        # On the H200 64x128, 4 warps, 4 stages won for all three benchmark shapes. A variant that
+        # issued block k+1's MMA before promoting block k lost everywhere and was dropped.
+        cfg = lambda bm, bn, w, st: triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8},
+                                                  num_warps=w, num_stages=st)
+        return [cfg(64, 128, 4, 4), cfg(128, 128, 8, 3), cfg(64, 128, 4, 5), cfg(64, 64, 4, 5), cfg(128, 64, 4, 4)]
 
     @_tuned(_gemm_configs(), key=["N", "K", "B_PER_ROW"])
     @triton.jit
     def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
                          stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
                          B_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PIPE: tl.constexpr):
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # c (M, N) = a (M, K) @ b (N, K)^T, one (BLOCK_M, BLOCK_N) tile per program
         pid = tl.program_id(0)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -434,7 +424,7 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _promoted_mma(a_ptr, b_ptr, as_ptr, bs_ptr, tl.minimum(offs_m, M - 1), tl.minimum(offs_n, N - 1),
                             0, K // BLOCK_K, stride_am, stride_bn, stride_asm, stride_ask, stride_bsn,
-                            stride_bsk, B_PER_ROW, BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
+                            stride_bsk, B_PER_ROW, BLOCK_M, BLOCK_N, BLOCK_K)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -442,7 +432,7 @@ if HAS_TRITON:
     def _fp8_gemm_rows_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tiles_ptr, num_tiles, N, K,
                                       stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_ask,
                                       stride_bse, stride_bsn, stride_bsk, BLOCK_M: tl.constexpr,
-                                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
+                                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Fprop/Dgrad of the routed experts: rows of a sorted by expert, b (E, N, K) stacked.
         # tiles (3, num_tiles): expert, first row, end row of each tile of at most BLOCK_M rows.
         t, pid_n = tl.program_id(0), tl.program_id(1)
@@ -453,7 +443,7 @@ if HAS_TRITON:
         acc = _promoted_mma(a_ptr, b_ptr + e * stride_be, as_ptr, bs_ptr + e * stride_bse,
                             tl.minimum(offs_m, row_end - 1), tl.minimum(offs_n, N - 1), 0, K // BLOCK_K,
                             stride_am, stride_bn, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                            False, BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
+                            False, BLOCK_M, BLOCK_N, BLOCK_K)
         mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -461,7 +451,7 @@ if HAS_TRITON:
     def _fp8_gemm_k_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, kblocks_ptr, M, N,
                                    stride_am, stride_bn, stride_ce, stride_cm, stride_asm, stride_ask,
                                    stride_bsn, stride_bsk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                   BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
+                                   BLOCK_K: tl.constexpr):
         # Wgrad of the routed experts: c[e] = a[:, tokens of e] @ b[:, tokens of e]^T, where each
         # expert's tokens are whole K-blocks kblocks[e] .. kblocks[e+1] (padded per expert).
         pid, e = tl.program_id(0), tl.program_id(1)
@@ -472,7 +462,7 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _promoted_mma(a_ptr, b_ptr, as_ptr, bs_ptr, tl.minimum(offs_m, M - 1), tl.minimum(offs_n, N - 1),
                             k_lo, k_hi, stride_am, stride_bn, stride_asm, stride_ask, stride_bsn,
-                            stride_bsk, True, BLOCK_M, BLOCK_N, BLOCK_K, PIPE)
+                            stride_bsk, True, BLOCK_M, BLOCK_N, BLOCK_K)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
@@ -676,18 +666,18 @@ class FP8Linear(nn.Linear):
 # -----------------------------------------------------------------------------
 # 5. Routed experts: the same three FP8 GEMMs per expert, over tokens sorted by expert
 
-# "loop": fp8_gemm per expert (cuBLAS on Hopper); "triton": one grouped-kernel launch per GEMM.
-# "auto": loop where cuBLAS takes blockwise scales (measured faster at 8 experts on the H200),
-# else triton on CUDA; loop on the CPU.
+# "triton": one grouped-kernel launch per GEMM; "loop": fp8_gemm per expert (cuBLAS on Hopper).
+# "auto": triton on CUDA (on the H200, 8 experts x 2048 tokens, 7168 -> 2048, forward+backward:
+# 3.8 ms against the loop's 4.5 ms), loop on the CPU.
 grouped_impl = "auto"
 # tiles of the grouped kernels (not autotuned: the row-tile table depends on BLOCK_M)
-GROUPED_ROWS_CFG = dict(BLOCK_M=64, BLOCK_N=128, PIPE=False, num_warps=4, num_stages=4)
-GROUPED_K_CFG = dict(BLOCK_M=64, BLOCK_N=128, PIPE=False, num_warps=4, num_stages=4)
+GROUPED_ROWS_CFG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)
+GROUPED_K_CFG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)
 
 
 def _grouped_triton(x):
     if grouped_impl == "auto":
-        return x.is_cuda and HAS_TRITON and not (HAS_SCALED_MM and _scaled_mm_works(x.device))
+        return x.is_cuda and HAS_TRITON
     return grouped_impl == "triton"
 
 

@@ -67,6 +67,8 @@ def test_weight_quant_block_error_and_scales():
     err = (fp8.weight_dequant(w_fp8, s) - w).abs()
     bound = torch.maximum(w.abs() * E4M3_REL, s.repeat_interleave(128, 0).repeat_interleave(128, 1) * E4M3_SUB)
     assert (err <= bound * (1 + 1e-6)).all()
+    _, _, wT = fp8.weight_quant(w, transposed=True)            # for Dgrad: the same bytes, transposed
+    assert torch.equal(wT.float(), w_fp8.float().t())
     w3 = torch.randn(3, 128, 256)                               # stacked experts: blocks per expert
     w3_fp8, s3 = fp8.weight_quant(w3)
     assert s3.shape == (3, 1, 2) and torch.equal(s3[1], fp8.weight_quant(w3[1])[1])
