@@ -7,6 +7,13 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
                             grouped expert GEMMs forward+backward against BF16, and the promotion
                             emulation of 3.3.2 (that last part also runs on the CPU)
 
+    python bench.py memory [--preset=small --batch_size=4 --seq_len=2048]
+                            activation recomputation (3.2.3): peak GPU memory and step time of
+                            forward+backward with recompute off and on, and whether the gradients agree
+    python bench.py step [--preset=small --batch_size=16 --seq_len=2048]
+                            one compiled BF16 training step (forward, backward, optimizer) under the
+                            profiler: where the time goes, by CUDA kernel
+
 Timings are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs).
 """
 
@@ -171,11 +178,93 @@ def bench_fp8(profile_dir=None):
     print(row)
 
 
-SECTIONS = {"fp8": bench_fp8}
+def _model_batch(preset, batch_size, seq_len, **overrides):
+    import model
+    args = model.preset(preset, max_seq_len=max(seq_len, model.PRESETS[preset].get("max_seq_len", 0)), **overrides)
+    torch.manual_seed(0)
+    m = model.Transformer(args).cuda()
+    x = torch.randint(0, args.vocab_size, (batch_size, seq_len + 1), device="cuda")
+    return m, x[:, :-1], x[:, 1:]
+
+
+def bench_memory(preset="small", batch_size=4, seq_len=2048):
+    """Peak memory of one forward+backward, recompute off vs on (3.2.3), same weights and batch."""
+    import triton.testing
+    _header(f"memory: {preset}, batch {batch_size} x {seq_len}, bf16 autocast, eager")
+    results, grads = {}, {}
+    for recompute in (False, True):
+        m, x, y = _model_batch(preset, batch_size, seq_len, recompute=recompute)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, losses = m(x, y)
+            losses["loss"].backward()
+        step()
+        grads[recompute] = [p.grad.float().clone() for p in m.parameters()]
+        m.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        m.zero_grad(set_to_none=True)
+        ms = triton.testing.do_bench(step, warmup=2, rep=20)
+        results[recompute] = (peak, ms)
+        del m
+        torch.cuda.empty_cache()
+    rel = max(((a - b).norm() / a.norm().clamp_min(1e-12)).item() for a, b in zip(grads[False], grads[True]))
+    print(f"{'recompute':>10} {'activation peak GB':>20} {'fwd+bwd ms':>12}")
+    for r, (peak, ms) in results.items():
+        print(f"{str(r):>10} {peak / 1e9:>20.2f} {ms:>12.1f}")
+    print(f"saving: {1 - results[True][0] / results[False][0]:.1%} of the peak above the weights, "
+          f"at {results[True][1] / results[False][1] - 1:+.1%} time; largest relative gradient difference {rel:.2e}")
+
+
+def bench_step(preset="small", batch_size=16, seq_len=2048):
+    """A compiled training step under the profiler: the CUDA kernels that take the time."""
+    import model
+    import train
+    from torch.profiler import ProfilerActivity, profile
+    _header(f"step: {preset}, batch {batch_size} x {seq_len}, bf16 autocast, compiled")
+    m, x, y = _model_batch(preset, batch_size, seq_len)
+    opt = train.AdamW([p for p in m.parameters()], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    cm = torch.compile(m)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, losses = cm(x, y)
+        losses["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / 5
+    tokens = batch_size * seq_len
+    flops = model.flops_per_token(m.args, seq_len) * tokens
+    print(f"{ms:.1f} ms/step, {tokens / ms * 1e3:,.0f} tokens/s, {flops / ms / 1e9:.0f} TFLOP/s, "
+          f"MFU {flops / ms * 1e3 / 989e12:.1%} (of 989 TFLOP/s dense BF16)")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
+SECTIONS = {"fp8": bench_fp8, "memory": bench_memory, "step": bench_step}
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what not in SECTIONS:
-        sys.exit(f"usage: python bench.py <{'|'.join(SECTIONS)}> [--profile=DIR]")
-    kwargs = {"profile_dir": a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--profile=")}
+        sys.exit(f"usage: python bench.py <{'|'.join(SECTIONS)}> [--key=value ...]")
+    kwargs = {}
+    for a in sys.argv[2:]:
+        key, _, value = a.removeprefix("--").partition("=")
+        kwargs["profile_dir" if key == "profile" else key] = int(value) if value.isdigit() else value
     SECTIONS[what](**kwargs)

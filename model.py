@@ -99,6 +99,10 @@ class ModelArgs:
         if self.n_expert_groups > 1:
             check(per_group >= 2, "n_expert_groups", self.n_expert_groups,
                   "at most n_routed_experts/2 groups (a group is scored by its two best experts)")
+        if self.fp8:
+            for name in ("dim", "inter_dim", "moe_inter_dim"):
+                check(getattr(self, name) % 128 == 0, name, getattr(self, name),
+                      "a multiple of 128 with fp8=True (FP8 scales cover 128-element blocks)")
         eligible = per_group * self.n_limited_groups
         check(1 <= self.n_activated_experts <= eligible, "n_activated_experts", self.n_activated_experts,
               f"1..{eligible} (the experts in the n_limited_groups={self.n_limited_groups} kept groups)")
@@ -146,11 +150,17 @@ def preset(name, **overrides):
 
 
 def linear_cls(args):
-    """The Linear used inside the blocks: BF16/FP32 nn.Linear, or FP8 (3.3) when args.fp8."""
+    """The Linear used inside the blocks: BF16/FP32 nn.Linear, or FP8 (3.3) when args.fp8.
+    FP8 needs both dimensions in whole 128-blocks; a layer that is not (W^DKV: 576 rows at V3
+    shapes) stays in BF16."""
     if not args.fp8:
         return nn.Linear
     from fp8 import FP8Linear
-    return FP8Linear
+
+    def make(in_features, out_features, bias=False):
+        fits = in_features % 128 == 0 and out_features % 128 == 0
+        return (FP8Linear if fits else nn.Linear)(in_features, out_features, bias=bias)
+    return make
 
 
 # -----------------------------------------------------------------------------
@@ -325,7 +335,7 @@ class Block(nn.Module):
     def __init__(self, layer_id, args):
         super().__init__()
         self.attn = MLA(args)
-        self.ffn = DenseFFN(args) if layer_id < args.n_dense_layers else MoE(args)
+        self.ffn = DenseFFN(args) if layer_id < args.n_dense_layers else MoE(args, linear=linear_cls(args))
 
     def forward(self, x, cos, sin, start_pos=0, cache=None):
         x = x + self.attn(x, cos, sin, start_pos, cache)
@@ -405,7 +415,8 @@ class Transformer(nn.Module):
             logits_k = self.head(module.norm(h))
             mtp.append(F.cross_entropy(fp32_or_wider(logits_k).flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1))
         mtp = torch.stack(mtp).mean() if mtp else main.new_zeros(())
-        balance = sum((m.balance_loss for m in self.moe_layers()), main.new_zeros(()))
+        blocks = [*self.layers, *(m.block for m in self.mtp)]
+        balance = sum((b.ffn.balance_loss for b in blocks if isinstance(b.ffn, MoE)), main.new_zeros(()))
         lam = self.args.mtp_lambda if lam is None else lam
         return logits, dict(loss=main + lam * mtp + balance, main=main, mtp=mtp, balance=balance)
 

@@ -26,10 +26,12 @@ scheduler can cut into attention / dispatch / experts / combine pieces.
 Simplified: no token is ever dropped (neither does V3); the router runs in FP32.
 """
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 # Routed experts: "grouped" runs one torch._grouped_mm per weight; "loop" is its plain twin.
 expert_impl = "grouped"
@@ -50,12 +52,8 @@ def recompute(fn, *args, keep=frozenset(), enabled=True):
     """fn(*args), storing for backward only the outputs of the ops in `keep`."""
     if not (enabled and torch.is_grad_enabled()):
         return fn(*args)
-
-    def policy(ctx, op, *a, **kw):
-        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return checkpoint(fn, *args, use_reentrant=False,
-                      context_fn=lambda: create_selective_checkpoint_contexts(policy))
+    context = functools.partial(create_selective_checkpoint_contexts, list(keep))  # keep these, recompute the rest
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=context)
 
 
 def compute_dtype(x):
@@ -122,6 +120,12 @@ class Gate(nn.Module):
         return s, idx, g
 
 
+def tokens_per_expert(idx, n_experts):
+    """How many of the entries of idx name each expert (a bincount of static shape, which
+    torch.compile keeps in one graph)."""
+    return torch.zeros(n_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+
+
 class LocalDispatcher:
     """Token movement when every routed expert lives on this process.
 
@@ -137,7 +141,7 @@ class LocalDispatcher:
         K = idx.shape[1]
         flat = idx.flatten()  # (N*K,) expert of each (token, k) pair
         order = flat.argsort(stable=True)  # pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
+        counts = tokens_per_expert(flat, self.n_experts)  # (E,)
         return h[order // K], counts, order
 
     def combine(self, y, order):
@@ -147,14 +151,20 @@ class LocalDispatcher:
 class Experts(nn.Module):
     """E routed SwiGLU experts with weights stacked [E, out, in] (the Linear layout, per expert)."""
 
-    def __init__(self, n_experts, dim, inter_dim):
+    def __init__(self, n_experts, dim, inter_dim, fp8=False):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.fp8 = fp8
 
     def forward(self, x, counts):
         """x: (M, D) rows sorted by expert, counts: (E,) rows per expert -> (M, D)."""
+        if self.fp8:  # all three GEMMs of each expert in FP8 (fp8.py)
+            from fp8 import fp8_grouped_linear
+            offs = counts.cumsum(0).to(torch.int32)
+            mm = lambda a, w: fp8_grouped_linear(a, w, offs)  # noqa: E731
+            return mm(F.silu(mm(x, self.w1)) * mm(x, self.w3), self.w2)
         dtype = compute_dtype(x)
         x = x.to(dtype)
         w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
@@ -171,22 +181,24 @@ class Experts(nn.Module):
 
 
 def grouped_mm_runs(x, w):
-    """torch._grouped_mm takes FP32/BF16/FP16 on the CPU and on Hopper, with 16-byte aligned rows."""
+    """torch._grouped_mm takes FP32/BF16/FP16 on the CPU and on Hopper, with 16-byte aligned rows;
+    under torch.compile only BF16 (its shape function says so)."""
     aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
     device_ok = x.device.type == "cpu" or (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0))
-    return x.dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned and device_ok
+    dtype_ok = x.dtype == torch.bfloat16 or (x.dtype in (torch.float32, torch.float16) and not torch.compiler.is_compiling())
+    return dtype_ok and aligned and device_ok
 
 
 class MoE(nn.Module):
     """A DeepSeekMoE layer with its pre-norm: x -> sum of shared and gated routed experts (eq. 12)."""
 
-    def __init__(self, args, dispatcher=None):
+    def __init__(self, args, dispatcher=None, linear=nn.Linear):
         super().__init__()
         self.args = args
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.gate = Gate(args)
-        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim)
-        self.shared = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
+        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim, fp8=args.fp8)
+        self.shared = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, linear) if args.n_shared_experts else None
         self.dispatcher = dispatcher or LocalDispatcher(args.n_routed_experts)
         # Tokens routed to each expert since the last update_bias(): the "load" of 2.1.2.
         self.register_buffer("load", torch.zeros(args.n_routed_experts), persistent=False)
@@ -205,7 +217,7 @@ class MoE(nn.Module):
                                  enabled=self.args.recompute)
         idx, g = self.gate.route(s)  # (N, K), (N, K)
         if torch.is_grad_enabled():  # a training step: count the load for update_bias()
-            self.load += torch.bincount(idx.flatten(), minlength=self.load.numel())
+            self.load += tokens_per_expert(idx.flatten(), self.load.numel())
         self.balance_loss = sequence_balance_loss(s.view(B, T, -1), idx.view(B, T, -1), self.args.balance_alpha)
         xs, counts, handle = self.dispatcher.dispatch(h, idx)  # (N*K, D) sorted by expert
         ys = self.experts(xs, counts)  # (N*K, D)

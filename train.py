@@ -48,7 +48,7 @@ cache_dir = "data"          # prepared token files, reused across runs
 # model
 preset = "nano"             # nano | small | v2-lite | v3 (model.PRESETS)
 # batch
-batch_size = 16             # sequences per micro-batch per process
+batch_size = 8              # sequences per micro-batch per process
 seq_len = 256
 grad_accum = 1              # micro-batches per optimizer step
 # optimizer (3.3.3)
@@ -65,12 +65,12 @@ moments_dtype = "bfloat16"  # AdamW's first and second moments: "bfloat16" (the 
 mtp_lambda = 0.3
 mtp_lambda_final = 0.1
 mtp_switch = 0.7            # fraction of max_iters after which lambda = mtp_lambda_final
-bias_gamma = 0.001
+bias_gamma = 0.01           # bias update speed; the paper uses 0.001 over ~10^6 steps, short runs need more
 bias_gamma_final = 0.0
 gamma_switch = 0.95         # fraction of max_iters after which gamma = bias_gamma_final
 # EMA of the weights (3.2.3)
-ema_decay = 0.99
-ema_interval = 1            # steps between EMA updates
+ema_decay = 0.99            # per step
+ema_interval = 10           # steps between EMA updates (each applies ema_decay ** ema_interval)
 # evaluation, logging, checkpoints
 eval_interval = 100
 eval_iters = 10
@@ -177,25 +177,31 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p] = dict(step=torch.zeros((), dtype=torch.float32),
+                                         exp_avg=torch.zeros_like(p, dtype=self.moments_dtype),
+                                         exp_avg_sq=torch.zeros_like(p, dtype=self.moments_dtype))
+            states = [self.state[p] for p in params]
+            torch._foreach_add_([s["step"] for s in states], 1)
+            t = states[0]["step"].item()
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
-                state["step"] += 1
-                t = state["step"].item()
-                g = p.grad.float()
-                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].copy_(m)
-                state["exp_avg_sq"].copy_(v)
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1 ** t))
+            grads = [p.grad.float() for p in params]
+            m = [s["exp_avg"].float() for s in states]  # FP32 working copies of the stored moments
+            v = [s["exp_avg_sq"].float() for s in states]
+            torch._foreach_lerp_(m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+            torch._foreach_copy_([s["exp_avg"] for s in states], m)
+            torch._foreach_copy_([s["exp_avg_sq"] for s in states], v)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
+            torch._foreach_addcdiv_(params, m, denom, value=-group["lr"] / (1 - beta1 ** t))
 
 
 def make_optimizer(model, c, device):
@@ -220,38 +226,46 @@ def lr_at(step, c):
 class EMA:
     """Exponential moving average of the parameters, held in CPU memory.
 
-    On the GPU, update() starts an asynchronous copy of the weights into pinned CPU buffers and a
-    CPU thread folds them into the average once the copy has landed, while the GPU trains on.
+    On the GPU, update() copies the weights into pinned CPU buffers on a side stream, and a CPU
+    thread folds them into the average once the copy has landed, while the GPU trains on; the next
+    optimizer step waits (on the GPU, not the CPU) for the copy to finish reading the weights.
     """
 
     def __init__(self, model, decay):
         self.decay = decay
         self.names = [n for n, _ in model.named_parameters()]
         self.shadow = [p.detach().float().cpu().clone() for p in model.parameters()]
-        pin = next(model.parameters()).is_cuda
-        self.staged = [torch.empty_like(s, pin_memory=pin) for s in self.shadow]
+        cuda = next(model.parameters()).is_cuda
+        self.staged = [torch.empty_like(s, pin_memory=cuda) for s in self.shadow]
+        self.stream = torch.cuda.Stream() if cuda else None
+        self.copied = None  # CUDA event: the staged copy is complete
         self.worker = None
 
-    def update(self, model, decay=None):
+    def update(self, model, decay):
         self.wait()
-        decay = self.decay if decay is None else decay
-        params = list(model.parameters())
-        for buf, p in zip(self.staged, params):
-            buf.copy_(p.detach(), non_blocking=True)
-        done = torch.cuda.Event() if params[0].is_cuda else None
-        if done is not None:
-            done.record()
+        params = [p.detach() for p in model.parameters()]
+        if self.stream is None:
+            torch._foreach_lerp_(self.shadow, [p.float() for p in params], 1 - decay)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            for buf, p in zip(self.staged, params):
+                buf.copy_(p, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        copied = self.copied
 
         def fold():
-            if done is not None:
-                done.synchronize()
+            copied.synchronize()
             torch._foreach_lerp_(self.shadow, self.staged, 1 - decay)
 
-        self.worker = threading.Thread(target=fold) if done is not None else None
-        if self.worker is None:
-            fold()
-        else:
-            self.worker.start()
+        self.worker = threading.Thread(target=fold)
+        self.worker.start()
+
+    def before_optimizer_step(self):
+        """The optimizer must not write the weights while they are being copied out."""
+        if self.copied is not None:
+            torch.cuda.current_stream().wait_event(self.copied)
 
     def wait(self):
         if self.worker is not None:
@@ -423,6 +437,7 @@ def main(argv=None):
             losses += torch.stack([parts[k].detach().float() for k in LOSS_NAMES]) / c.grad_accum
         check_finite(losses, step + 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        ema.before_optimizer_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         maxvio = update_bias(model.moe_layers(), gamma, all_reduce)  # after the step, from this step's loads
