@@ -187,17 +187,18 @@ def _model_batch(preset, batch_size, seq_len, **overrides):
     return m, x[:, :-1], x[:, 1:]
 
 
-def bench_memory(preset="small", batch_size=4, seq_len=2048):
+def bench_memory(preset="small", batch_size=4, seq_len=2048, compile=0):
     """Peak memory of one forward+backward, recompute off vs on (3.2.3), same weights and batch."""
     import triton.testing
-    _header(f"memory: {preset}, batch {batch_size} x {seq_len}, bf16 autocast, eager")
+    _header(f"memory: {preset}, batch {batch_size} x {seq_len}, bf16 autocast, {'compiled' if compile else 'eager'}")
     results, grads = {}, {}
     for recompute in (False, True):
         m, x, y = _model_batch(preset, batch_size, seq_len, recompute=recompute)
+        run = torch.compile(m) if compile else m
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, losses = m(x, y)
+                _, losses = run(x, y)
             losses["loss"].backward()
         step()
         grads[recompute] = [p.grad.float().clone() for p in m.parameters()]
