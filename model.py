@@ -437,7 +437,8 @@ class Transformer(nn.Module):
         for pos in range(T, T + max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p)  # (B,)
             yield nxt
-            if (eot is not None and bool((nxt == eot).all())) or pos + 1 > self.args.max_seq_len - 1:
+            done = pos + 1 == T + max_new_tokens or pos == self.args.max_seq_len  # no room for it in the cache
+            if done or (eot is not None and bool((nxt == eot).all())):
                 return
             logits = self(nxt[:, None], start_pos=pos, cache=cache)[:, -1]
 

@@ -432,9 +432,8 @@ def main(argv=None):
             x, y = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
             last = micro == c.grad_accum - 1
             with (nullcontext() if last or world == 1 else train_model.no_sync()), autocast:
-                _, parts = train_model(x, y)
-                # eq. 25, the MTP weight outside the compiled model so that its schedule never recompiles
-                parts["loss"] = parts["main"] + lam * parts["mtp"] + parts["balance"]
+                # lambda as a tensor: torch.compile traces it instead of recompiling when the schedule moves it
+                _, parts = train_model(x, y, lam=torch.tensor(lam, device=device))
             (parts["loss"] / c.grad_accum).backward()
             losses += torch.stack([parts[k].detach().float() for k in LOSS_NAMES]) / c.grad_accum
         check_finite(losses, step + 1)

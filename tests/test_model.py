@@ -81,6 +81,19 @@ def test_absorbed_equals_naive_attention(monkeypatch):
     torch.testing.assert_close(outs["absorb"], outs["naive"], rtol=1e-10, atol=1e-10)
 
 
+def test_generate_over_the_cache_matches_greedy_full_forward():
+    m = make(tiny())
+    prompt = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        got = torch.stack(list(m.generate(prompt, 12, temperature=0)), 1)  # (B, 12)
+        seq = prompt
+        for _ in range(12):  # the slow twin: the whole sequence through the model every time
+            seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(got, seq[:, 5:])
+    with torch.no_grad():  # at max_seq_len generation stops instead of overflowing the cache
+        assert len(list(m.generate(torch.randint(0, 97, (1, 60)), 20, temperature=0))) == 5
+
+
 def test_cache_holds_only_latent_and_rope_key():
     args = model.preset("v3")
     with torch.device("meta"):
