@@ -10,15 +10,17 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
     python bench.py memory [--preset=small --batch_size=4 --seq_len=2048]
                             activation recomputation (3.2.3): peak GPU memory and step time of
                             forward+backward with recompute off and on, and whether the gradients agree
-    python bench.py step [--preset=small --batch_size=16 --seq_len=2048]
-                            one compiled BF16 training step (forward, backward, optimizer) under the
-                            profiler: where the time goes, by CUDA kernel
+    python bench.py step [--preset=small --batch_size=16 --seq_len=2048 --fp8=0 --compile=1]
+                            one training step (forward, backward, optimizer), BF16 or with FP8
+                            GEMMs, compiled or eager: its time and MFU, then where the time goes,
+                            by CUDA kernel, under the profiler
 
 Timings are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs).
 """
 
 import datetime
 import sys
+import time
 
 import torch
 
@@ -222,15 +224,16 @@ def bench_memory(preset="small", batch_size=4, seq_len=2048, compile=0):
           f"at {results[True][1] / results[False][1] - 1:+.1%} time; largest relative gradient difference {rel:.2e}")
 
 
-def bench_step(preset="small", batch_size=16, seq_len=2048):
-    """A compiled training step under the profiler: the CUDA kernels that take the time."""
+def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1):
+    """A training step under the profiler: the CUDA kernels that take the time."""
     import model
     import train
     from torch.profiler import ProfilerActivity, profile
-    _header(f"step: {preset}, batch {batch_size} x {seq_len}, bf16 autocast, compiled")
-    m, x, y = _model_batch(preset, batch_size, seq_len)
+    _header(f"step: {preset}, batch {batch_size} x {seq_len}, bf16 autocast{', fp8' if fp8 else ''}, "
+            f"{'compiled' if compile else 'eager'}")
+    m, x, y = _model_batch(preset, batch_size, seq_len, fp8=bool(fp8))
     opt = train.AdamW([p for p in m.parameters()], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    cm = torch.compile(m)
+    cm = torch.compile(m) if compile else m
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -238,7 +241,11 @@ def bench_step(preset="small", batch_size=16, seq_len=2048):
         losses["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    for _ in range(3):
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    print(f"first step (compilation, autotuning): {time.perf_counter() - t0:.1f} s")
+    for _ in range(2):
         step()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

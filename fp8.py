@@ -77,8 +77,9 @@ grouped_impl = "auto" | "triton" | "loop" picks the routed experts' GEMMs (secti
 Simplified here: every FP8 tensor is E4M3 with FP32 scales (no E5M6 for the attention output's
 cached input, no FP8 dispatch traffic, no BF16 optimizer moments); the routed experts' GEMMs are a
 grouped Triton kernel or a loop over experts, and read the group sizes on the host (one sync);
-feature dimensions must be multiples of 128. FP8Linear runs eagerly: torch.compile breaks its
-graph around it.
+feature dimensions must be multiples of 128. FP8Linear and fp8_grouped_linear run eagerly:
+torch.compile breaks its graph around them (tracing into them would specialize on the experts'
+token counts, which change every step, and recompile).
 """
 
 import os
@@ -773,6 +774,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         return dx, dw, None, None
 
 
+@torch.compiler.disable   # eager, like FP8Linear: it reads the group sizes on the host
 def fp8_grouped_linear(x, w, offs):
     """Routed experts in FP8. x (M, K) tokens sorted by expert, w (E, N, K) stacked expert weights,
     offs int32 (E,) cumulative row ends (torch._grouped_mm's convention). Returns y (M, N) with
