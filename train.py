@@ -359,7 +359,10 @@ def main(argv=None):
     if ckpt is not None:
         args = model_lib.ModelArgs.from_dict(ckpt["model_args"])
     else:
-        args = model_lib.preset(c.preset, **model_overrides)
+        try:
+            args = model_lib.preset(c.preset, **model_overrides)
+        except ValueError as e:  # a setting the model refuses: say which, without a traceback
+            raise SystemExit(f"--preset={c.preset} with these settings: {e}") from None
         if c.seq_len > args.max_seq_len:
             args = model_lib.ModelArgs.from_dict({**asdict(args), "max_seq_len": c.seq_len})
     os.makedirs(c.out_dir, exist_ok=True)

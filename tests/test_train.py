@@ -110,8 +110,10 @@ def test_bad_settings_name_the_key():
         train.main(["--compile=maybe"])
     with pytest.raises(SystemExit, match="--n_heads=two: expected a int"):
         train.main(["--n_heads=two"])
-    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+    with pytest.raises(SystemExit, match="unknown preset 'huge'"):
         train.main(["--preset=huge", "--device=cpu", "--out_dir=/nonexistent/never/created"])
+    with pytest.raises(SystemExit, match="--preset=nano .*dim=192 .* multiple of 128 with fp8=True"):
+        train.main(["--fp8=True", "--device=cpu", "--out_dir=/nonexistent/never/created"])
 
 
 def test_adamw_with_fp32_moments_is_torch_adamw():
