@@ -12,7 +12,7 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
                             forward+backward with recompute off and on, and whether the gradients agree
     python bench.py step [--preset=small --batch_size=16 --seq_len=2048 --fp8=0 --compile=1]
                             one training step (forward, backward, optimizer), BF16 or with FP8
-                            GEMMs, compiled or eager: its time and MFU, then where the time goes,
+                            GEMMs, compiled (model and AdamW) or eager: its time and MFU, then where the time goes,
                             by CUDA kernel, under the profiler
 
 Timings are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs).
@@ -232,7 +232,8 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1):
     _header(f"step: {preset}, batch {batch_size} x {seq_len}, bf16 autocast{', fp8' if fp8 else ''}, "
             f"{'compiled' if compile else 'eager'}")
     m, x, y = _model_batch(preset, batch_size, seq_len, fp8=bool(fp8))
-    opt = train.AdamW([p for p in m.parameters()], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = train.AdamW([p for p in m.parameters()], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                      compiled=bool(compile))
     cm = torch.compile(m) if compile else m
 
     def step():

@@ -162,11 +162,15 @@ def print0(*args, **kwargs):
 class AdamW(torch.optim.Optimizer):
     """AdamW with decoupled weight decay whose moments are stored in `moments_dtype` (BF16 in the
     paper, 3.3.3) while the update itself is computed in FP32 against FP32 master weights.
-    With FP32 moments it is torch.optim.AdamW, which the tests hold it against."""
+    With FP32 moments it is torch.optim.AdamW, which the tests hold it against. compiled=True runs
+    the same arithmetic as one fused kernel per parameter (adamw_update), the GPU default; the
+    foreach path below is its twin: on the H200 it spent 27 ms of a 167 ms step, the fused one 6.5."""
 
-    def __init__(self, params, lr, betas, weight_decay, eps=1e-8, moments_dtype=torch.bfloat16):
+    def __init__(self, params, lr, betas, weight_decay, eps=1e-8, moments_dtype=torch.bfloat16, compiled=False):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
         self.moments_dtype = moments_dtype
+        # compiled: one fused kernel per parameter (adamw_update) instead of a dozen foreach passes
+        self.update = torch.compile(adamw_update, dynamic=True) if compiled else None
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)  # which casts every state tensor to its parameter's dtype...
@@ -189,6 +193,16 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_add_([s["step"] for s in states], 1)
             t = states[0]["step"].item()
             beta1, beta2 = group["betas"]
+            if self.update is not None:
+                # the hyperparameters as 0-dim tensors: the compiled kernel reads them instead of
+                # being recompiled whenever the learning rate or the step changes
+                lr = group["lr"]
+                h = torch.tensor([1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2 ** t), group["eps"],
+                                  1 - lr * group["weight_decay"], lr / (1 - beta1 ** t)],
+                                 device=params[0].device).unbind()
+                for p, s in zip(params, states):
+                    self.update(p.view(-1), p.grad.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), *h)
+                continue
             grads = [p.grad.float() for p in params]
             m = [s["exp_avg"].float() for s in states]  # FP32 working copies of the stored moments
             v = [s["exp_avg_sq"].float() for s in states]
@@ -204,12 +218,25 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_addcdiv_(params, m, denom, value=-group["lr"] / (1 - beta1 ** t))
 
 
-def make_optimizer(model, c, device):
+def adamw_update(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, decay, step_size):
+    """AdamW.step's arithmetic for one parameter, in FP32, the moments stored back in their own
+    dtype; torch.compile fuses it into one pass over p, g, m and v. The scalars are the ones the
+    foreach path uses: decay = 1 - lr * weight_decay, step_size = lr / (1 - beta1^t)."""
+    g = g.float()
+    m32 = m.float().lerp(g, one_minus_beta1)
+    v32 = v.float() * beta2 + one_minus_beta2 * g * g
+    m.copy_(m32)
+    v.copy_(v32)
+    p.copy_(p * decay - step_size * m32 / (v32.sqrt() / bc2_sqrt + eps))
+
+
+def make_optimizer(model, c, compiled=False):
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings
     no_decay = [p for p in model.parameters() if p.dim() < 2]  # norm gains
     groups = [dict(params=decay, weight_decay=c.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     dtype = dict(bfloat16=torch.bfloat16, float32=torch.float32)[c.moments_dtype]
-    return AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), weight_decay=c.weight_decay, moments_dtype=dtype)
+    return AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), weight_decay=c.weight_decay, moments_dtype=dtype,
+                 compiled=compiled)
 
 
 def lr_at(step, c):
@@ -382,7 +409,8 @@ def main(argv=None):
     val_loader = lambda: data_lib.DataLoader(info["val"], c.batch_size, c.seq_len, rank, world, seed=c.seed + 1)  # noqa: E731
 
     model = model_lib.Transformer(args).to(device)
-    optimizer = make_optimizer(model, c, device)
+    use_compile = c.compile == "true" or (c.compile == "auto" and device.type == "cuda")
+    optimizer = make_optimizer(model, c, compiled=use_compile)
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -400,7 +428,7 @@ def main(argv=None):
 
     # FP8 layers run eagerly (fp8.py): compiling around their graph breaks took minutes for small on
     # the H200 and gave nothing back, so auto leaves an FP8 model eager; --compile=true still compiles.
-    compiled = c.compile == "true" or (c.compile == "auto" and device.type == "cuda" and not args.fp8)
+    compiled = use_compile and not (args.fp8 and c.compile == "auto")
     train_model = torch.compile(model) if compiled else model
     if dist.is_initialized():
         # Buffers are not broadcast: every rank applies the same bias update from all-reduced loads.

@@ -139,6 +139,37 @@ def test_adamw_with_fp32_moments_is_torch_adamw():
     assert bf16.state[bf16.param_groups[0]["params"][0]]["exp_avg"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("moments", [torch.bfloat16, torch.float32])
+def test_compiled_adamw_matches_the_foreach_one(moments):
+    """The fused, compiled update (train.adamw_update) against the foreach twin: same weights and
+    moments after steps with changing learning rates and shapes of several sizes and ranks."""
+    shapes = [(64, 48), (48,), (3, 16, 8), (1,)]
+    w = [torch.randn(*s, requires_grad=True) for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in w]
+    make = lambda ps, compiled: train.AdamW(  # noqa: E731
+        [dict(params=ps[:2], weight_decay=0.1), dict(params=ps[2:], weight_decay=0.0)], lr=1e-2,
+        betas=(0.9, 0.95), weight_decay=0.1, moments_dtype=moments, compiled=compiled)
+    fused, foreach = make(w, True), make(ref, False)
+    for step in range(4):
+        for opt in (fused, foreach):
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 / (step + 1)
+        for p, q in zip(w, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        foreach.step()
+    for p, q in zip(w, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = fused.state[p][key], foreach.state[q][key]
+            assert a.dtype == b.dtype == moments
+            # FP32: a few ulps of the moments' scale (about 0.1-1) from the order of the operations;
+            # BF16: an FP32 value a few ulps off may round to a neighbouring BF16 value
+            tol = dict(rtol=8e-3, atol=1e-6) if moments == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
 def test_sample_generates_from_a_trained_checkpoint(tmp_path, corpus, capsys):
     run(tmp_path, corpus, "--max_iters=4", "--eval_interval=4")
     sample.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--prompt=KING:", "--max_new_tokens=20", "--num_samples=2",
