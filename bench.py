@@ -15,7 +15,8 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
                             GEMMs, compiled (model and AdamW) or eager: its time and MFU, then where the time goes,
                             by CUDA kernel, under the profiler
 
-Timings are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs).
+Timings are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs), except
+`step`, which averages 5 steps between two CUDA events.
 """
 
 import datetime

@@ -170,7 +170,7 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
         self.moments_dtype = moments_dtype
         # compiled: one fused kernel per parameter (adamw_update) instead of a dozen foreach passes
-        self.update = torch.compile(adamw_update, dynamic=True) if compiled else None
+        self.fused_update = torch.compile(adamw_update, dynamic=True) if compiled else None
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)  # which casts every state tensor to its parameter's dtype...
@@ -193,15 +193,16 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_add_([s["step"] for s in states], 1)
             t = states[0]["step"].item()
             beta1, beta2 = group["betas"]
-            if self.update is not None:
-                # the hyperparameters as 0-dim tensors: the compiled kernel reads them instead of
-                # being recompiled whenever the learning rate or the step changes
-                lr = group["lr"]
-                h = torch.tensor([1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2 ** t), group["eps"],
-                                  1 - lr * group["weight_decay"], lr / (1 - beta1 ** t)],
+            decay = 1 - group["lr"] * group["weight_decay"]  # decoupled weight decay
+            step_size = group["lr"] / (1 - beta1 ** t)  # with the bias correction of m
+            bc2_sqrt = math.sqrt(1 - beta2 ** t)  # the bias correction of v, under the root
+            if self.fused_update is not None:
+                # the scalars as 0-dim tensors: the compiled kernel reads them instead of being
+                # recompiled whenever the learning rate or the step changes
+                h = torch.tensor([1 - beta1, beta2, 1 - beta2, bc2_sqrt, group["eps"], decay, step_size],
                                  device=params[0].device).unbind()
                 for p, s in zip(params, states):
-                    self.update(p.view(-1), p.grad.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), *h)
+                    self.fused_update(p.view(-1), p.grad.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), *h)
                 continue
             grads = [p.grad.float() for p in params]
             m = [s["exp_avg"].float() for s in states]  # FP32 working copies of the stored moments
@@ -212,16 +213,16 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_copy_([s["exp_avg"] for s in states], m)
             torch._foreach_copy_([s["exp_avg_sq"] for s in states], v)
             denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
+            torch._foreach_div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, group["eps"])
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
-            torch._foreach_addcdiv_(params, m, denom, value=-group["lr"] / (1 - beta1 ** t))
+            torch._foreach_mul_(params, decay)
+            torch._foreach_addcdiv_(params, m, denom, value=-step_size)
 
 
 def adamw_update(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, decay, step_size):
     """AdamW.step's arithmetic for one parameter, in FP32, the moments stored back in their own
-    dtype; torch.compile fuses it into one pass over p, g, m and v. The scalars are the ones the
-    foreach path uses: decay = 1 - lr * weight_decay, step_size = lr / (1 - beta1^t)."""
+    dtype; torch.compile fuses it into one pass over p, g, m and v. The scalars are the ones
+    AdamW.step computes for both paths."""
     g = g.float()
     m32 = m.float().lerp(g, one_minus_beta1)
     v32 = v.float() * beta2 + one_minus_beta2 * g * g
@@ -409,8 +410,8 @@ def main(argv=None):
     val_loader = lambda: data_lib.DataLoader(info["val"], c.batch_size, c.seq_len, rank, world, seed=c.seed + 1)  # noqa: E731
 
     model = model_lib.Transformer(args).to(device)
-    use_compile = c.compile == "true" or (c.compile == "auto" and device.type == "cuda")
-    optimizer = make_optimizer(model, c, compiled=use_compile)
+    compile_optimizer = c.compile == "true" or (c.compile == "auto" and device.type == "cuda")
+    optimizer = make_optimizer(model, c, compiled=compile_optimizer)
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -428,7 +429,7 @@ def main(argv=None):
 
     # FP8 layers run eagerly (fp8.py): compiling around their graph breaks took minutes for small on
     # the H200 and gave nothing back, so auto leaves an FP8 model eager; --compile=true still compiles.
-    compiled = use_compile and not (args.fp8 and c.compile == "auto")
+    compiled = compile_optimizer and not (args.fp8 and c.compile == "auto")
     train_model = torch.compile(model) if compiled else model
     if dist.is_initialized():
         # Buffers are not broadcast: every rank applies the same bias update from all-reduced loads.
