@@ -268,6 +268,7 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1):
 
 
 SECTIONS = {"fp8": bench_fp8, "memory": bench_memory, "step": bench_step}
+GPU_ONLY = {"memory", "step"}
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
@@ -277,4 +278,7 @@ if __name__ == "__main__":
     for a in sys.argv[2:]:
         key, _, value = a.removeprefix("--").partition("=")
         kwargs["profile_dir" if key == "profile" else key] = int(value) if value.isdigit() else value
+    if what in GPU_ONLY and not torch.cuda.is_available():
+        sys.exit(f"bench.py {what} measures GPU memory and kernels: it needs CUDA, which this machine does not "
+                 f"have (bench.py fp8 runs its emulation part on the CPU)")
     SECTIONS[what](**kwargs)
