@@ -273,6 +273,42 @@ def load_tokenizer(path_or_name: str) -> tiktoken.Encoding:
     return tiktoken.Encoding(name, pat_str=pat, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
 
 
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet backwards: the printable character that stands for each byte in a
+    Hugging Face tokenizer.json -> the byte. Printable Latin-1 bytes stand for themselves; the other
+    68 (controls, space, ...) are moved to 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
+def load_hf_tokenizer(path: str) -> tiktoken.Encoding:
+    """A Hugging Face byte-level BPE tokenizer.json (the one DeepSeek's checkpoints ship) as a tiktoken
+    Encoding with the same ids. Decoding is exact. Encoding uses one split pattern: ByteLevel's own
+    (GPT-2's), or the pre-tokenizer's Split regexes joined as alternatives, which equals applying them
+    one after the other except where a later pattern would cut a run an earlier one matched
+    (DeepSeek-V3's splits CJK runs off words, so a word glued to CJK text may split differently).
+    tiktoken merges the pair whose merged token has the lowest id: right when the ids follow the
+    merge order, as they do in tokenizers trained by Hugging Face's BPE trainer."""
+    with open(path, encoding="utf-8") as f:
+        tok = json.load(f)
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"{path}: model type {model.get('type')!r}; only byte-level BPE tokenizers are supported")
+    byte_of = _gpt2_byte_decoder()
+    try:
+        ranks = {bytes(byte_of[ch] for ch in token): i for token, i in model["vocab"].items()}
+    except KeyError as e:
+        raise ValueError(f"{path}: vocabulary entry with character {e} is not byte-level BPE") from None
+    pre = tok.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    splits = [p["pattern"]["Regex"] for p in parts if p.get("type") == "Split" and "Regex" in p.get("pattern", {})]
+    pat = "|".join(f"(?:{r})" for r in splits) if splits else GPT2_PAT
+    specials = {t["content"]: t["id"] for t in tok.get("added_tokens", []) if t["content"].encode() not in ranks}
+    return tiktoken.Encoding(os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf", pat_str=pat,
+                             mergeable_ranks=ranks, special_tokens=specials)
+
+
 # -----------------------------------------------------------------------------
 # Token shards: modded-nanogpt's format
 
@@ -451,28 +487,33 @@ def prepare(data: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int =
 # -----------------------------------------------------------------------------
 # Batches
 
-def _stream_seed(seed: int, rank: int) -> int:
-    # Hashing keeps (seed, rank) streams apart, which seed + rank would not: (0, 1) vs (1, 0).
-    return int.from_bytes(hashlib.sha256(f"{seed},{rank}".encode()).digest()[:8], "little") >> 1
-
-
 class DataLoader:
-    """Random windows from memory-mapped token shards, a different stream on every rank.
+    """Random windows from memory-mapped token shards, the same global batch on every layout.
 
     next_batch() -> x, y: int64 (B, T + extra_tokens), y is x shifted left by one token. A window never
     straddles two shards; it may straddle documents (packed, separated by <|endoftext|>).
     extra_tokens = D gives multi-token prediction D more future tokens: main loss on x[:, :T] vs
     y[:, :T]; MTP depth k on x[:, k:T+k] vs y[:, k:T+k]. With the default 0, x and y are (B, T).
+
+    Each optimizer step draws all batch_size * grad_accum * world_size window starts of the global
+    batch from one generator seeded by `seed` alone, identical on every rank; micro-batch m of rank
+    r takes slot m * world_size + r of them. A step therefore reads the same windows whether it runs
+    as 2 ranks x 1 micro-batch or 1 rank x 2 micro-batches, so a run can resume on another layout and
+    continue the same data, and the checkpoint's loader state is every rank's state.
     """
 
     def __init__(self, paths, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, extra_tokens: int = 0):
+                 seed: int = 0, extra_tokens: int = 0, grad_accum: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        if batch_size < 1 or grad_accum < 1:
+            raise ValueError(f"batch_size={batch_size}, grad_accum={grad_accum}: both must be at least 1")
         self.paths = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else \
             [os.fspath(p) for p in paths]
         self.shards = [read_shard(p) for p in self.paths]
-        self.batch_size, self.seq_len, self.rank, self.seed = batch_size, seq_len, rank, seed
+        self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.seed, self.grad_accum = seed, grad_accum
+        self.global_batch = batch_size * grad_accum * world_size  # windows per optimizer step
         self.span = seq_len + extra_tokens + 1  # inputs and their shifted targets
         for path, shard in zip(self.paths, self.shards):
             if len(shard) < self.span:
@@ -482,40 +523,41 @@ class DataLoader:
         self.first_start = [0]
         for shard in self.shards:
             self.first_start.append(self.first_start[-1] + len(shard) - self.span + 1)
-        self.generator = torch.Generator().manual_seed(_stream_seed(seed, rank))
-        self.step = 0  # batches drawn so far
-
-    def _draw_starts(self) -> torch.Tensor:
-        # The only use of the generator, once per batch: resuming by replay depends on it.
-        return torch.randint(self.first_start[-1], (self.batch_size,), generator=self.generator)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0  # optimizer steps drawn so far
+        self.starts, self.micro = None, grad_accum  # this step's starts; micro-batches served from them
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.micro == self.grad_accum:  # a new optimizer step: the whole global batch at once
+            # The only use of the generator, once per step: resuming depends on it.
+            self.starts = torch.randint(self.first_start[-1], (self.global_batch,), generator=self.generator)
+            self.step, self.micro = self.step + 1, 0
+        slot = self.micro * self.world_size + self.rank
+        self.micro += 1
         rows = []
-        for g in self._draw_starts().tolist():
+        for g in self.starts[slot * self.batch_size:(slot + 1) * self.batch_size].tolist():
             s = bisect_right(self.first_start, g) - 1
             start = g - self.first_start[s]
             rows.append(self.shards[s][start:start + self.span].to(torch.int64))
-        self.step += 1
         batch = torch.stack(rows)         # (B, T + extra + 1)
         return batch[:, :-1], batch[:, 1:]  # (B, T + extra) each
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "rank": self.rank, "step": self.step,
+        if self.micro != self.grad_accum:
+            raise RuntimeError(f"loader state taken in the middle of step {self.step} "
+                               f"(micro-batch {self.micro} of {self.grad_accum})")
+        return {"seed": self.seed, "global_batch": self.global_batch, "step": self.step,
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Continue exactly where the saved loader stopped. The state of another rank (say rank 0's,
-        the one a checkpoint keeps) is also accepted: this rank then replays its own stream to the
-        same step, so ranks never end up sharing one stream."""
-        if sd["seed"] != self.seed:
-            raise ValueError(f"loader state was saved with seed {sd['seed']}, this loader has {self.seed}")
-        if sd["rank"] == self.rank:
-            self.generator.set_state(sd["generator"])
-        else:
-            self.generator.manual_seed(_stream_seed(self.seed, self.rank))
-            for _ in range(sd["step"]):
-                self._draw_starts()
-        self.step = sd["step"]
+        """Continue exactly where the saved loader stopped, on this or any other layout with the
+        same global batch."""
+        for key in ("seed", "global_batch"):
+            if sd.get(key) != getattr(self, key):
+                raise ValueError(f"loader state was saved with {key} {sd.get(key)}, this loader has "
+                                 f"{getattr(self, key)}")
+        self.generator.set_state(sd["generator"])
+        self.step, self.micro = sd["step"], self.grad_accum
 
 
 # -----------------------------------------------------------------------------

@@ -48,11 +48,11 @@ SDPA_BACKENDS = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION, torch.nn.attenti
 
 @dataclass
 class ModelArgs:
-    vocab_size: int = 2048
+    vocab_size: int = 2048          # token ids, <|endoftext|> included
     dim: int = 192                  # d, hidden size
     inter_dim: int = 512            # dense SwiGLU MLP hidden size
     moe_inter_dim: int = 128        # hidden size of each expert
-    n_layers: int = 4
+    n_layers: int = 4               # transformer blocks of the main model
     n_dense_layers: int = 1         # the first blocks use a dense MLP instead of MoE
     n_heads: int = 4                # n_h
     # MLA (2.1.1)
@@ -60,7 +60,7 @@ class ModelArgs:
     kv_lora_rank: int = 64          # d_c
     qk_nope_head_dim: int = 32      # d_h
     qk_rope_head_dim: int = 16      # d^R_h
-    v_head_dim: int = 32
+    v_head_dim: int = 32            # d_h of the values
     # DeepSeekMoE (2.1.2)
     n_routed_experts: int = 8       # N_r
     n_shared_experts: int = 1       # N_s
@@ -73,16 +73,16 @@ class ModelArgs:
     n_mtp: int = 1                  # D, prediction depth
     mtp_lambda: float = 0.3         # lambda, MTP loss weight (train.py schedules it)
     # RoPE and YaRN (4.3)
-    max_seq_len: int = 1024
+    max_seq_len: int = 1024         # longest sequence (RoPE table, decoding cache)
     original_seq_len: int = 4096    # context length the RoPE frequencies were trained for
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0     # RoPE base
     rope_factor: float = 40.0       # YaRN scale s, used when max_seq_len > original_seq_len
-    beta_fast: int = 32
-    beta_slow: int = 1
+    beta_fast: int = 32             # YaRN: pairs turning more often than this are kept
+    beta_slow: int = 1              # YaRN: pairs turning less often than this are interpolated
     mscale: float = 1.0             # sqrt(t) = 0.1 * mscale * ln(s) + 1
     # everything else
-    norm_eps: float = 1e-6
-    init_std: float = 0.006
+    norm_eps: float = 1e-6          # RMSNorm epsilon
+    init_std: float = 0.006         # std of the initial weights (4.2)
     recompute: bool = False         # recompute RMSNorms and MLA up-projections in backward (3.2.3)
     fp8: bool = False               # FP8 GEMMs inside the blocks (fp8.py)
 
@@ -674,7 +674,13 @@ def from_pretrained(path, **overrides):
 if __name__ == "__main__":
     import sys
     name = sys.argv[1] if len(sys.argv) > 1 else "nano"
+    if name not in PRESETS or len(sys.argv) > 2:
+        sys.exit(f"usage: python model.py [preset]: prints a preset's settings and parameter counts; presets: "
+                 f"{', '.join(PRESETS)}")
     args = preset(name)
     print(f"preset {name}: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
+    notes = dict(total="all parameters of the main model; the MTP module is counted apart, below",
+                 activated="per token: the embedding table and the unchosen routed experts excluded",
+                 mtp=f"the {args.n_mtp} MTP module(s), which share the embedding and output head")
     for k, v in count_params(args).items():
-        print(f"{k:>12}: {v:>16,} ({v / 1e9:.2f}B)")
+        print(f"{k:>12}: {v:>16,} ({v / 1e9:.2f}B)" + (f"  {notes[k]}" if k in notes else ""))

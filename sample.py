@@ -1,18 +1,22 @@
 """
 Sample text from a checkpoint, decoding over MLA's latent KV cache (model.py, 2.1.1).
 
-    python sample.py                                  # from out/ckpt.pt, the one train.py wrote
-    python sample.py --prompt="ROMEO:" --max_new_tokens=200 --temperature=0.8 --top_k=50
+    python sample.py                                  # from out/, the folder train.py wrote
+    python sample.py --prompt="ROMEO:\\n" --max_new_tokens=200 --temperature=0.8 --top_k=50
     python sample.py --prompt=FILE:prompt.txt         # the prompt from a file
-    python sample.py --ckpt=path/to/DeepSeek-V3-format-dir --tokenizer=path/to/tokenizer.tiktoken
+    python sample.py --ckpt=path/to/DeepSeek-V3-format-dir
 
-A checkpoint is train.py's ckpt.pt (its tokenizer sits beside it), or a Hugging Face-format
-DeepSeek-V3 directory (config.json + *.safetensors) loaded with Transformer.from_pretrained; the
-latter needs --tokenizer (a .tiktoken rank file) since no tokenizer can be downloaded here.
+A checkpoint is train.py's ckpt.pt (its tokenizer sits beside it), the folder that holds it, or a
+Hugging Face-format DeepSeek-V3 directory (config.json + *.safetensors) loaded with
+Transformer.from_pretrained, whose tokenizer.json is used unless --tokenizer names another.
+In --prompt, the two characters \\n stand for a newline: the training text has a speaker's name
+followed by ":\\n", so a prompt that ends in a bare ":" starts from a token pair it rarely saw.
 Tokens are printed as they come; the throughput is reported at the end.
 """
 
+import json
 import os
+import re
 import sys
 import time
 
@@ -22,61 +26,129 @@ import data as data_lib
 import model as model_lib
 from train import load_checkpoint, parse_args
 
-# settings (--key=value)
-ckpt = "out/ckpt.pt"         # train.py's checkpoint, or a Hugging Face-format checkpoint directory
-tokenizer = ""               # default: the one beside train.py's checkpoint; else a .tiktoken path or gpt2
-prompt = "\n"                # text, or FILE:path
-num_samples = 1
-max_new_tokens = 300
+# settings (--key=value; --help lists them)
+ckpt = "out"                 # train.py's out_dir or its ckpt.pt, or a Hugging Face-format checkpoint directory
+tokenizer = ""               # default: the checkpoint's own; else a .tiktoken file, a tokenizer.json, or gpt2
+prompt = "\\n"               # text (\n is a newline), or FILE:path
+num_samples = 1              # samples, one after the other
+max_new_tokens = 300         # tokens per sample, at most (fewer if the model's max_seq_len is reached)
 temperature = 0.8            # 0 is greedy
-top_k = 50                   # 0 keeps every token
+top_k = 50                   # keep the k most likely tokens; 0 keeps every token
 top_p = 1.0                  # nucleus sampling: keep the smallest set with this much probability
 ema = True                   # use the EMA weights of a train.py checkpoint
-device = "auto"
-seed = 1337
+device = "auto"              # auto | cpu | cuda | cuda:N
+seed = 1337                  # sampling RNG
 
 SETTINGS = {k: v for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (int, float, bool, str)}
+LIMITS = [("num_samples", lambda v: v >= 1, "at least 1"), ("max_new_tokens", lambda v: v >= 1, "at least 1"),
+          ("temperature", lambda v: v >= 0, "0 (greedy) or more"), ("top_k", lambda v: v >= 0, "0 (off) or more"),
+          ("top_p", lambda v: 0 < v <= 1, "in (0, 1]")]
 
 
-def load_model(c, device):
-    """(model, tokenizer) from train.py's checkpoint or a Hugging Face-format directory."""
-    if os.path.isdir(c.ckpt):
-        if not c.tokenizer:
-            raise SystemExit(f"{c.ckpt} is a Hugging Face-format directory: pass --tokenizer=path/to/file.tiktoken")
-        return model_lib.Transformer.from_pretrained(c.ckpt).to(device), data_lib.load_tokenizer(c.tokenizer)
-    ck = load_checkpoint(c.ckpt)
+def check_settings(c):
+    for key, ok, allowed in LIMITS:
+        if not ok(getattr(c, key)):
+            raise SystemExit(f"--{key}={getattr(c, key)}: expected {allowed}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
+        raise SystemExit(f"--device={c.device}: expected auto, cpu, cuda or cuda:N")
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device={c.device}: CUDA is not available here; use --device=cpu")
+
+
+def find_checkpoint(path):
+    """('train', ckpt.pt path) or ('hf', directory) for what --ckpt names."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "ckpt.pt")):
+            return "train", os.path.join(path, "ckpt.pt")
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return "hf", path
+        raise SystemExit(f"--ckpt={path}: the folder holds neither train.py's ckpt.pt nor a Hugging Face "
+                         f"config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--ckpt={path}: no such file or folder (train a model with `python train.py`, "
+                         f"which writes out/ckpt.pt, or pass --ckpt=...)")
+    return "train", path
+
+
+def load_tokenizer(name, folder):
+    """(encoding, end-of-text id) from a name train.py or a Hugging Face folder gives."""
+    if name != "gpt2" and not os.path.isabs(name) and not os.path.exists(name):
+        name = os.path.join(folder, name)
+    if name != "gpt2" and not os.path.isfile(name):
+        raise SystemExit(f"tokenizer {name} not found: pass --tokenizer=path/to/file.tiktoken or tokenizer.json")
+    try:
+        if name.endswith(".json"):
+            return data_lib.load_hf_tokenizer(name)
+        return data_lib.load_tokenizer(name)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+
+
+def load_model(c):
+    """(model, tokenizer, end-of-text id, beginning-of-text id) from --ckpt."""
+    kind, path = find_checkpoint(c.ckpt)
+    if kind == "hf":
+        try:
+            model = model_lib.Transformer.from_pretrained(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"--ckpt={path}: {e}") from None
+        enc = load_tokenizer(c.tokenizer or "tokenizer.json", path)
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        eot = config.get("eos_token_id")
+        return model, enc, eot, config.get("bos_token_id", eot)
+    try:
+        ck = load_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     model = model_lib.Transformer(model_lib.ModelArgs.from_dict(ck["model_args"]))
     model.load_state_dict(ck["model"])
     if c.ema:  # the EMA holds parameters only; the router biases come from the model state
         model.load_state_dict(ck["ema"], strict=False)
-    name = c.tokenizer or ck["tokenizer"]
-    if name != "gpt2" and not os.path.isabs(name) and not os.path.exists(name):
-        name = os.path.join(os.path.dirname(c.ckpt), name)
-    return model.to(device), data_lib.load_tokenizer(name)
+    enc = load_tokenizer(c.tokenizer or ck["tokenizer"], os.path.dirname(path))
+    return model, enc, enc.eot_token, enc.eot_token
+
+
+def read_prompt(c):
+    if c.prompt.startswith("FILE:"):
+        try:
+            with open(c.prompt[5:], encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise SystemExit(f"--prompt={c.prompt}: cannot read {c.prompt[5:]} ({e.strerror})") from None
+    return c.prompt.replace("\\n", "\n")
 
 
 def main(argv=None):
-    c, _ = parse_args(SETTINGS, sys.argv[1:] if argv is None else argv)
+    c, _, _ = parse_args(SETTINGS, sys.argv[1:] if argv is None else argv, script=__file__)
+    check_settings(c)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
     torch.manual_seed(c.seed)
-    model, enc = load_model(c, dev)
-    model.eval()
+    text = read_prompt(c)
+    model, enc, eot, bos = load_model(c)
+    model.to(dev).eval()
     if dev.type == "cuda":
         model.to(torch.bfloat16)
-    text = open(c.prompt[5:]).read() if c.prompt.startswith("FILE:") else c.prompt
-    ids = enc.encode(text, allowed_special="all") or [enc.eot_token]
-    idx = torch.tensor([ids] * c.num_samples, device=dev)
+    ids = enc.encode(text, allowed_special="all") or [bos]
+    room = model.args.max_seq_len - len(ids)
+    if room < 1:
+        raise SystemExit(f"the prompt has {len(ids)} tokens; the model's max_seq_len={model.args.max_seq_len} "
+                         f"leaves no room for a new one")
+    new_tokens = min(c.max_new_tokens, room)
+    if new_tokens < c.max_new_tokens:
+        print(f"note: {len(ids)} prompt tokens + --max_new_tokens={c.max_new_tokens} exceed max_seq_len="
+              f"{model.args.max_seq_len}: generating at most {new_tokens} tokens", file=sys.stderr)
+    idx = torch.tensor([ids], device=dev)
     generated, t0 = 0, time.time()
-    for i in range(c.num_samples):
-        row = idx[i:i + 1]
+    for _ in range(c.num_samples):
         sys.stdout.write(text)
-        stream = model.generate(row, c.max_new_tokens, temperature=c.temperature, top_k=c.top_k or None,
-                                top_p=c.top_p, eot=enc.eot_token)
+        stream = model.generate(idx, new_tokens, temperature=c.temperature, top_k=c.top_k or None,
+                                top_p=c.top_p, eot=eot)
         pending = b""
         for tok in stream:
             generated += 1
             t = tok.item()
-            if t == enc.eot_token:
+            if t == eot:
                 break
             pending += enc.decode_single_token_bytes(t)
             try:  # print whole UTF-8 characters as soon as they are complete

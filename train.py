@@ -21,13 +21,16 @@ Simplified: data parallelism only (expert and pipeline parallelism come with com
 dualpipe.py); warmup then cosine decay instead of the paper's constant-then-cosine schedule.
 """
 
+import difflib
 import json
 import math
 import os
+import re
+import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, fields
 from types import SimpleNamespace
 
@@ -40,49 +43,50 @@ import model as model_lib
 from moe import update_bias
 
 # -----------------------------------------------------------------------------
-# settings (--key=value overrides any of them)
+# settings (--key=value overrides any of them; --help lists them)
 # data
 data = "shakespeare"        # "shakespeare", a text file / directory / glob, or modded-nanogpt .bin shards
-tokenizer = "bpe"           # "bpe" trains the project's byte-level BPE to the model's vocab_size; "gpt2"
+tokenizer = "bpe"           # "bpe" trains the project's byte-level BPE to the model's vocab_size; "gpt2"; a .tiktoken file
 cache_dir = "data"          # prepared token files, reused across runs
+val_fraction = 0.05         # the last part of every document, held out for validation
 # model
-preset = "nano"             # nano | small | v2-lite | v3 (model.PRESETS)
+preset = "nano"             # nano | small | v2-lite | v3 (model.PRESETS); any ModelArgs field overrides it
 # batch
 batch_size = 8              # sequences per micro-batch per process
-seq_len = 256
+seq_len = 256               # tokens per sequence (raises the preset's max_seq_len if longer)
 grad_accum = 1              # micro-batches per optimizer step
 # optimizer (3.3.3)
-max_iters = 300
-lr = 3e-3
-min_lr = 3e-4
-warmup_iters = 30
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
+max_iters = 300             # optimizer steps of the whole run (the schedules below are fractions of it)
+lr = 3e-3                   # peak learning rate, after warmup
+min_lr = 3e-4               # learning rate at max_iters, the end of the cosine decay
+warmup_iters = 30           # linear warmup steps
+weight_decay = 0.1          # decoupled (AdamW), on matrices and embeddings only
+beta1 = 0.9                 # AdamW
+beta2 = 0.95                # AdamW
+grad_clip = 1.0             # global gradient-norm clip
 moments_dtype = "bfloat16"  # AdamW's first and second moments: "bfloat16" (the paper) or "float32"
 # schedules (4.2): MTP weight lambda, then the bias update speed gamma
-mtp_lambda = 0.3
-mtp_lambda_final = 0.1
+mtp_lambda = 0.3            # MTP loss weight lambda until mtp_switch
+mtp_lambda_final = 0.1      # ... and after it
 mtp_switch = 0.7            # fraction of max_iters after which lambda = mtp_lambda_final
 bias_gamma = 0.01           # bias update speed; the paper uses 0.001 over ~10^6 steps, short runs need more
-bias_gamma_final = 0.0
+bias_gamma_final = 0.0      # bias update speed after gamma_switch
 gamma_switch = 0.95         # fraction of max_iters after which gamma = bias_gamma_final
 # EMA of the weights (3.2.3)
 ema_decay = 0.99            # per step
 ema_interval = 10           # steps between EMA updates (each applies ema_decay ** ema_interval)
 # evaluation, logging, checkpoints
-eval_interval = 100
-eval_iters = 10
-log_interval = 10
-out_dir = "out"
-resume = False
+eval_interval = 100         # steps between evaluations, each followed by a checkpoint
+eval_iters = 10             # validation batches per evaluation
+log_interval = 10           # steps between log lines (out_dir/log.jsonl)
+out_dir = "out"             # checkpoint, tokenizer and log of this run
+resume = False              # continue the run in out_dir from its checkpoint, with its settings
 stop_iter = 0               # if > 0, end this run at this iteration with a checkpoint (--resume continues)
 # system
 device = "auto"             # auto | cpu | cuda | cuda:N
 dtype = "auto"              # auto (bfloat16 autocast on the GPU, float32 on the CPU) | float32 | bfloat16
 compile = "auto"            # auto (on CUDA, unless fp8) | true | false
-seed = 1337
+seed = 1337                 # weights and data order
 
 SETTINGS = {k: v for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (int, float, bool, str)}
 CHOICES = dict(compile=("auto", "true", "false"), dtype=("auto", "bfloat16", "float32"),
@@ -105,42 +109,139 @@ def parse_value(key, text, like):
         raise SystemExit(f"--{key}={text}: expected a {type(like).__name__}") from None
 
 
-def parse_args(settings, argv, model_fields=(), choices=None):
-    """--key=value arguments -> (settings namespace, overrides of the fields in model_fields)."""
-    config, model_overrides = dict(settings), {}
+def parse_args(settings, argv, model_fields=(), choices=None, script=None):
+    """--key=value arguments -> (settings namespace, overrides of the fields in model_fields, the
+    keys given). -h / --help prints the settings block of `script` and exits."""
+    config, model_overrides, given = dict(settings), {}, []
     model_fields = {f.name: f.default for f in fields(model_lib.ModelArgs) if f.name in model_fields}
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print(settings_help(script or __file__, settings, model_fields))
+            raise SystemExit(0)
         if not arg.startswith("--"):
-            raise SystemExit(f"arguments look like --key=value, got {arg!r}")
+            raise SystemExit(f"arguments look like --key=value, got {arg!r} (--help lists the settings)")
         key, eq, text = arg[2:].partition("=")
         if key in config:
             like = config[key]
         elif key in model_fields:
             like = model_fields[key]
         else:
-            raise SystemExit(f"unknown setting --{key}; settings: {', '.join(sorted(config))}"
-                             + (f"; model fields: {', '.join(sorted(model_fields))}" if model_fields else ""))
+            near = difflib.get_close_matches(key, [*config, *model_fields], n=3)
+            raise SystemExit(f"unknown setting --{key}" + (f"; did you mean {' or '.join('--' + k for k in near)}?"
+                                                           if near else "") + " (--help lists the settings)")
         if not eq and not isinstance(like, bool):
             raise SystemExit(f"--{key} needs a value: --{key}=...")
         value = parse_value(key, text, like) if eq else True
         if choices and key in choices and value not in choices[key]:
             raise SystemExit(f"--{key}={value}: expected one of {', '.join(choices[key])}")
-        (config if key in config else model_overrides)[key] = value
-    return SimpleNamespace(**config), model_overrides
+        if key in config:
+            config[key] = value
+            given.append(key)
+        else:
+            model_overrides[key] = value
+    return SimpleNamespace(**config), model_overrides, given
+
+
+def settings_help(script, settings, model_fields=()):
+    """What --help prints: the settings block at the top of `script` (each setting, its default and
+    the comment beside it, under the block's section titles), then ModelArgs' fields and the presets."""
+    out = [f"usage: python {os.path.basename(script)} [--key=value ...]", ""]
+    assignment = re.compile(r"(\w+)\s*=\s*(.+?)\s*(?:#\s?(.*))?$")
+    for line in open(script):
+        m = assignment.match(line)
+        if m and m[1] in settings:
+            out.append(f"  --{m[1]}={settings[m[1]]}".ljust(32) + f" {m[3] or ''}".rstrip())
+        elif line.startswith("# ") and out[-1:] != [""] and not line.startswith("# ---"):
+            out.append(line[2:].rstrip())
+        elif line.startswith("SETTINGS ="):
+            break
+    if model_fields:
+        out += ["", "model (ModelArgs in model.py, nano's values; the preset sets them, --key=value overrides):"]
+        for line in open(model_lib.__file__):
+            m = re.match(r"    (\w+): \w+ = .+?(?:#\s?(.*))?$", line)
+            if m and m[1] in model_fields and m[1] not in settings:
+                out.append(f"  --{m[1]}={model_fields[m[1]]}".ljust(32) + f" {m[2] or ''}".rstrip())
+        out += ["", "presets (parameters without the MTP module: total, activated per token):"]
+        for name in model_lib.PRESETS:
+            n = model_lib.count_params(model_lib.preset(name))
+            out.append(f"  {name:8} {n['total'] / 1e6:>10,.1f}M {n['activated'] / 1e6:>10,.1f}M")
+    return "\n".join(out)
+
+
+# Checked before anything runs: (setting, test, what is allowed).
+LIMITS = [("batch_size", lambda v: v >= 1, "at least 1"), ("seq_len", lambda v: v >= 1, "at least 1"),
+          ("grad_accum", lambda v: v >= 1, "at least 1"), ("max_iters", lambda v: v >= 1, "at least 1"),
+          ("eval_interval", lambda v: v >= 1, "at least 1"), ("eval_iters", lambda v: v >= 1, "at least 1"),
+          ("log_interval", lambda v: v >= 1, "at least 1"), ("ema_interval", lambda v: v >= 1, "at least 1"),
+          ("warmup_iters", lambda v: v >= 0, "0 or more"), ("stop_iter", lambda v: v >= 0, "0 (off) or more"),
+          ("lr", lambda v: v > 0, "above 0"), ("min_lr", lambda v: v >= 0, "0 or more"),
+          ("grad_clip", lambda v: v > 0, "above 0"), ("weight_decay", lambda v: v >= 0, "0 or more"),
+          ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+          ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"), ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+          ("mtp_switch", lambda v: 0 <= v <= 1, "in [0, 1]"), ("gamma_switch", lambda v: 0 <= v <= 1, "in [0, 1]"),
+          ("device", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N")]
+
+
+def check_settings(c):
+    for key, ok, allowed in LIMITS:
+        if not ok(getattr(c, key)):
+            raise SystemExit(f"--{key}={getattr(c, key)}: expected {allowed}")
+
+
+# On --resume every setting comes from the checkpoint; these may be given anew (each change is printed).
+# Settings of the parallel layout join them as they come (comm.py, dualpipe.py).
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "dtype", "compile", "cache_dir",
+             "batch_size", "grad_accum"}
+# Settings of one invocation, never taken from the checkpoint (out_dir is where it was found).
+PER_RUN = {"resume", "stop_iter", "out_dir"}
+
+
+def resume_settings(c, given, model_overrides, ckpt, world):
+    """The checkpoint's settings, with the changes the command line may make; anything else differing
+    from the checkpoint stops the run with one line naming the setting."""
+    saved = {**SETTINGS, **ckpt.get("config", {})}  # settings newer than the checkpoint keep their default
+    resolved = dict(saved)
+    for key in given:
+        new, old = getattr(c, key), saved[key]
+        if new == old:
+            continue
+        if key not in RESUMABLE:
+            raise SystemExit(f"--{key}={new}: the checkpoint's run has {key}={old}, and a resumed run keeps it; "
+                             f"on --resume only these may change: {', '.join(sorted(RESUMABLE | PER_RUN))}")
+        print0(f"resume: {key} {old} -> {new}")
+        resolved[key] = new
+    for key, new in model_overrides.items():
+        if ckpt["model_args"].get(key) != new:
+            raise SystemExit(f"--{key}={new}: the checkpoint's model has {key}={ckpt['model_args'].get(key)}, "
+                             f"and a resumed run cannot change the model")
+    r = SimpleNamespace(**resolved)
+    old_batch = ckpt.get("global_batch", saved["batch_size"] * saved["grad_accum"])
+    if r.batch_size * r.grad_accum * world != old_batch:
+        raise SystemExit(f"--batch_size={r.batch_size} x --grad_accum={r.grad_accum} x {world} process(es) gives "
+                         f"{r.batch_size * r.grad_accum * world} sequences per step; the checkpoint's run took "
+                         f"{old_batch}: keep the global batch when resuming (e.g. with --grad_accum)")
+    return r
 
 
 # -----------------------------------------------------------------------------
 # processes and devices
 
+CONTROL = None  # a gloo group for the stop flag (any_rank): CPU messages that do not wait on the GPU
+
+
 def compute_init(c):
-    """(rank, world_size, local_rank, device): torchrun sets RANK; plain python is one process."""
+    """(rank, world_size, device): torchrun sets RANK; plain python is one process."""
+    global CONTROL
     if "RANK" in os.environ:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         if torch.cuda.is_available() and c.device in ("auto", "cuda"):
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
             dist.init_process_group("nccl", device_id=device)
+            CONTROL = dist.new_group(backend="gloo")
         else:
+            if c.device.startswith("cuda"):
+                raise SystemExit(f"--device={c.device}: CUDA is not available here; use --device=cpu")
             device = torch.device("cpu")
             dist.init_process_group("gloo")
         return rank, world, device
@@ -154,6 +255,38 @@ def compute_init(c):
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         tqdm.write(" ".join(str(a) for a in args), **kwargs)
+
+
+def any_rank(flag):
+    """True on every rank when `flag` is true on any: ranks agree on when to stop."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=CONTROL)
+    return bool(t.item())
+
+
+class Interrupt:
+    """Ctrl-C (SIGINT) or SIGTERM, what a cluster scheduler sends before preemption (torchrun's
+    agent too, 30 s before it kills): the step in progress finishes, a checkpoint is written and the
+    run exits with 128 + the signal number. A second Ctrl-C exits at once, without a checkpoint."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if not self.signum:
+            self.signum = signum
+            print0(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint "
+                   f"(Ctrl-C again to exit at once)")
+        elif signum == signal.SIGINT:
+            print("second interrupt: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 # -----------------------------------------------------------------------------
@@ -300,14 +433,22 @@ class EMA:
             self.worker.join()
             self.worker = None
 
-    def swap(self, model):
-        """Exchange the model's weights with the average (call twice to swap back)."""
+    @contextmanager
+    def applied(self, model):
+        """Inside the block the model holds the average (rounded to its dtype); after it, its own
+        weights again, bit for bit. The average itself is only read."""
         self.wait()
+        # copy=True: .to() of a CPU tensor that has the dtype already would return the tensor itself
+        own = [p.detach().to("cpu", copy=True) for p in model.parameters()]
         with torch.no_grad():
             for s, p in zip(self.shadow, model.parameters()):
-                tmp = p.detach().float().cpu()
                 p.copy_(s)
-                s.copy_(tmp)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for w, p in zip(own, model.parameters()):
+                    p.copy_(w)
 
     def state_dict(self):
         self.wait()
@@ -369,45 +510,98 @@ def check_finite(losses, step):
                                  f"({', '.join(f'{n}={v}' for n, v in zip(LOSS_NAMES, losses.tolist()))}); stopping")
 
 
-def main(argv=None):
+
+def configure(argv):
+    """(settings, model arguments, checkpoint or None), every one checked before anything is written:
+    a fresh run's from the command line, a resumed run's from its checkpoint."""
     model_fields = [f.name for f in fields(model_lib.ModelArgs)]
-    c, model_overrides = parse_args(SETTINGS, sys.argv[1:] if argv is None else argv, model_fields, CHOICES)
+    c, model_overrides, given = parse_args(SETTINGS, argv, model_fields, CHOICES)
+    check_settings(c)
+    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
+    if c.resume:
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path} (start a new run without --resume, "
+                             f"or point --out_dir at the run's folder)")
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        given = [k for k in given if k not in PER_RUN]
+        c = SimpleNamespace(**{**vars(resume_settings(c, given, model_overrides, ckpt, world)),
+                               **{k: getattr(c, k) for k in PER_RUN}})
+        if ckpt["step"] >= c.max_iters:
+            raise SystemExit(f"the checkpoint in {c.out_dir} is at step {ckpt['step']}, the end of its "
+                             f"max_iters={c.max_iters}: pass a larger --max_iters to train on")
+        return c, model_lib.ModelArgs.from_dict(ckpt["model_args"]), ckpt
+    if os.path.exists(ckpt_path):
+        raise SystemExit(f"{ckpt_path} holds a run already: continue it with --resume, or choose another --out_dir")
+    try:
+        args = model_lib.preset(c.preset, **model_overrides)
+    except ValueError as e:  # a setting the model refuses: say which, without a traceback
+        raise SystemExit(f"--preset={c.preset} with these settings: {e}") from None
+    if c.seq_len > args.max_seq_len:
+        print0(f"note: --seq_len={c.seq_len} is longer than the preset's max_seq_len={args.max_seq_len}; "
+               f"max_seq_len raised to {c.seq_len}")
+        args = model_lib.ModelArgs.from_dict({**asdict(args), "max_seq_len": c.seq_len})
+    return c, args, None
+
+
+def prepare_data(c, args, rank, world, fresh):
+    """Token files (prepared once by rank 0, the others wait and reuse the cache), the train loader
+    and a factory of identical validation loaders; a split too small for one window stops here."""
+    try:
+        if rank == 0:
+            info = data_lib.prepare(c.data, c.tokenizer, args.vocab_size, c.val_fraction, c.cache_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        if rank != 0:
+            info = data_lib.prepare(c.data, c.tokenizer, args.vocab_size, c.val_fraction, c.cache_dir)
+        if info["vocab_size"] > args.vocab_size:  # e.g. GPT-2's 50257 ids: round up to a multiple of 64
+            if not fresh:
+                raise ValueError(f"the checkpoint's vocab_size {args.vocab_size} is smaller than the "
+                                 f"tokenizer's {info['vocab_size']}")
+            args = model_lib.ModelArgs.from_dict({**asdict(args), "vocab_size": -(-info["vocab_size"] // 64) * 64})
+        train = data_lib.DataLoader(info["train"], c.batch_size, c.seq_len, rank, world, c.seed, grad_accum=c.grad_accum)
+        val = lambda: data_lib.DataLoader(info["val"], c.batch_size, c.seq_len, rank, world, c.seed + 1)  # noqa: E731
+        val()
+    except (ValueError, RuntimeError, OSError) as e:
+        split = " (a smaller --seq_len, or a larger --val_fraction)" if "window needs" in str(e) else ""
+        raise SystemExit(f"--data={c.data}: {e}{split}") from None
+    return info, args, train, val
+
+
+def open_log(path, start):
+    """The run's log.jsonl: a fresh run starts it anew; a resumed one keeps the records up to its
+    checkpoint's step (a later record, from steps after the last checkpoint, would come twice)."""
+    kept = []
+    if start and os.path.exists(path):
+        for line in open(path):
+            try:
+                if json.loads(line)["step"] <= start:
+                    kept.append(line)
+            except (ValueError, KeyError):  # a line cut short by a crash
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def main(argv=None):
+    c, args, ckpt = configure(sys.argv[1:] if argv is None else argv)
     rank, world, device = compute_init(c)
     master = rank == 0
-    torch.manual_seed(c.seed + rank)
+    torch.manual_seed(c.seed)  # the same initial weights on every rank
     use_bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path) if c.resume else None
-
-    # the model's arguments: the checkpoint's when resuming, else the preset's with overrides
-    if ckpt is not None:
-        args = model_lib.ModelArgs.from_dict(ckpt["model_args"])
-    else:
-        try:
-            args = model_lib.preset(c.preset, **model_overrides)
-        except ValueError as e:  # a setting the model refuses: say which, without a traceback
-            raise SystemExit(f"--preset={c.preset} with these settings: {e}") from None
-        if c.seq_len > args.max_seq_len:
-            args = model_lib.ModelArgs.from_dict({**asdict(args), "max_seq_len": c.seq_len})
-    os.makedirs(c.out_dir, exist_ok=True)
-
-    # data: prepared once by rank 0 (the others wait, then reuse the cache)
-    if master:
-        info = data_lib.prepare(c.data, c.tokenizer, args.vocab_size, cache_dir=c.cache_dir)
-    if dist.is_initialized():
-        dist.barrier()
-    if not master:
-        info = data_lib.prepare(c.data, c.tokenizer, args.vocab_size, cache_dir=c.cache_dir)
-    if info["vocab_size"] > args.vocab_size:  # e.g. GPT-2's 50257 ids: round up to a multiple of 64
-        if ckpt is not None:
-            raise SystemExit(f"the checkpoint's vocab_size {args.vocab_size} is smaller than the tokenizer's {info['vocab_size']}")
-        args = model_lib.ModelArgs.from_dict({**asdict(args), "vocab_size": -(-info["vocab_size"] // 64) * 64})
-    train_loader = data_lib.DataLoader(info["train"], c.batch_size, c.seq_len, rank, world, seed=c.seed)
-    val_loader = lambda: data_lib.DataLoader(info["val"], c.batch_size, c.seq_len, rank, world, seed=c.seed + 1)  # noqa: E731
+    if c.warmup_iters >= c.max_iters:
+        print0(f"note: warmup_iters={c.warmup_iters} is not shorter than max_iters={c.max_iters}: the learning "
+               f"rate climbs for the whole run and never reaches lr={c.lr:g}")
+    info, args, train_loader, val_loader = prepare_data(c, args, rank, world, ckpt is None)
 
     model = model_lib.Transformer(args).to(device)
     compile_optimizer = c.compile == "true" or (c.compile == "auto" and device.type == "cuda")
@@ -419,13 +613,19 @@ def main(argv=None):
         train_loader.load_state_dict(ckpt["data"])
         start = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["cpu"])
-        print0(f"resumed from {ckpt_path} at step {start}")
-    ema = EMA(model, c.ema_decay)
+    ema = EMA(model, c.ema_decay)  # from the weights training starts from, the same on every rank
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
+
+    # Everything is checked: from here on the run writes into out_dir.
+    os.makedirs(c.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
     tokenizer_file = os.path.join(c.out_dir, "tokenizer.tiktoken")
-    if master and info["tokenizer"] != "gpt2":
+    if master and info["tokenizer"] != "gpt2" and (ckpt is None or not os.path.exists(tokenizer_file)):
         data_lib.save_ranks(data_lib.load_ranks(info["tokenizer"]), tokenizer_file)
+    log_file = open_log(os.path.join(c.out_dir, "log.jsonl"), start) if master else None
+    if ckpt is not None:
+        print0(f"resumed from {ckpt_path} at step {start}")
 
     # FP8 layers run eagerly (fp8.py): compiling around their graph breaks took minutes for small on
     # the H200 and gave nothing back, so auto leaves an FP8 model eager; --compile=true still compiles.
@@ -440,7 +640,7 @@ def main(argv=None):
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * world
     n = model_lib.count_params(args)
     print0(f"model: {c.preset}, {n['total'] / 1e6:.1f}M parameters ({n['activated'] / 1e6:.1f}M activated, "
-           f"MTP {n['mtp'] / 1e6:.1f}M), vocab {args.vocab_size}; {world} process(es) on {device.type}, "
+           f"MTP {n['mtp'] / 1e6:.1f}M more), vocab {args.vocab_size}; {world} process(es) on {device.type}, "
            f"{'bf16 autocast' if use_bf16 else 'fp32'}{', compiled' if compiled else ''}; "
            f"{tokens_per_step:,} tokens per step")
 
@@ -448,14 +648,11 @@ def main(argv=None):
         save_checkpoint(ckpt_path, dict(
             model_args=asdict(args), model=model.state_dict(), optimizer=optimizer.state_dict(),
             ema=ema.state_dict(), step=step, data=train_loader.state_dict(), rng=dict(cpu=torch.get_rng_state()),
-            config=vars(c), tokenizer="gpt2" if info["tokenizer"] == "gpt2" else "tokenizer.tiktoken",
-            eot=info["eot"]))
+            config=vars(c), global_batch=c.batch_size * c.grad_accum * world,
+            tokenizer="gpt2" if info["tokenizer"] == "gpt2" else "tokenizer.tiktoken", eot=info["eot"]))
 
-    log_file = open(os.path.join(c.out_dir, "log.jsonl"), "a") if master else None
-    last_stop = c.stop_iter if 0 < c.stop_iter < c.max_iters else c.max_iters
-    t0, tokens_since = time.time(), 0
-    bar = tqdm(range(start, last_stop), initial=start, total=c.max_iters, disable=not master, dynamic_ncols=True)
-    for step in bar:
+    def train_step(step):
+        """One optimizer step over grad_accum micro-batches; the losses averaged over them."""
         lr = lr_at(step, c)
         lam = c.mtp_lambda if step < c.mtp_switch * c.max_iters else c.mtp_lambda_final
         gamma = c.bias_gamma if step < c.gamma_switch * c.max_iters else c.bias_gamma_final
@@ -478,48 +675,64 @@ def main(argv=None):
         maxvio = update_bias(model.moe_layers(), gamma, all_reduce)  # after the step, from this step's loads
         if (step + 1) % c.ema_interval == 0:
             ema.update(model, c.ema_decay ** c.ema_interval)
-        tokens_since += tokens_per_step
+        return losses, dict(maxvio=max(maxvio) if maxvio else 0.0, lr=lr, lam=lam, gamma=gamma, grad_norm=grad_norm)
 
-        if (step + 1) % c.log_interval == 0 or step + 1 == last_stop:
-            if all_reduce is not None:
-                all_reduce(losses)
-                losses /= world
-            loss, main, mtp, balance = losses.tolist()
-            dt = time.time() - t0
-            tps = tokens_since / dt
-            rec = dict(step=step + 1, loss=loss, main=main, mtp=mtp, balance=balance,
-                       maxvio=max(maxvio) if maxvio else 0.0, lr=lr, lam=lam, gamma=gamma,
-                       grad_norm=grad_norm.item(), tokens_per_s=tps)
-            if device.type == "cuda":
-                rec["mfu"] = tps * flops_per_token / world / H200_BF16_FLOPS
-                rec["memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-            print0(f"step {step + 1}: loss {loss:.4f} (main {main:.4f}, mtp {mtp:.4f}, balance {balance:.2e}), "
-                   f"maxvio {rec['maxvio']:.3f}, lr {lr:.2e}, {tps:,.0f} tokens/s"
-                   + (f", MFU {rec['mfu']:.1%}, {rec['memory_gb']:.1f} GB" if "mfu" in rec else ""))
-            if log_file:
-                log_file.write(json.dumps(rec) + "\n")
-                log_file.flush()
-            t0, tokens_since = time.time(), 0
+    def log(rec):
+        if log_file:
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
 
-        if (step + 1) % c.eval_interval == 0 or step + 1 == last_stop:
-            val = evaluate(model, val_loader, c.eval_iters, autocast, device)
-            ema.swap(model)
-            val_ema = evaluate(model, val_loader, c.eval_iters, autocast, device)
-            ema.swap(model)
-            print0(f"step {step + 1}: val loss {val:.4f}, EMA val loss {val_ema:.4f}")
-            if log_file:
-                log_file.write(json.dumps(dict(step=step + 1, val_loss=val, val_loss_ema=val_ema)) + "\n")
-                log_file.flush()
-            if master:
-                checkpoint(step + 1)
-            t0, tokens_since = time.time(), 0  # evaluation time is not training time
-    bar.close()
-    ema.wait()
-    if log_file:
-        log_file.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    last_stop = c.stop_iter if 0 < c.stop_iter < c.max_iters else c.max_iters
+    t0, tokens_since, stopped = time.time(), 0, False
+    bar = tqdm(range(start, last_stop), initial=start, total=c.max_iters, disable=not master, dynamic_ncols=True)
+    interrupt = Interrupt()
+    try:
+        for step in bar:
+            losses, rec = train_step(step)
+            tokens_since += tokens_per_step
+            stopped = any_rank(interrupt.signum)
+            if (step + 1) % c.log_interval == 0 or step + 1 == last_stop or stopped:
+                if all_reduce is not None:
+                    all_reduce(losses)
+                    losses /= world
+                loss, main, mtp, balance = losses.tolist()
+                tps = tokens_since / (time.time() - t0)
+                rec = dict(step=step + 1, loss=loss, main=main, mtp=mtp, balance=balance,
+                           **rec, tokens_per_s=tps)
+                rec["grad_norm"] = rec["grad_norm"].item()
+                if device.type == "cuda":
+                    rec["mfu"] = tps * flops_per_token / world / H200_BF16_FLOPS
+                    rec["memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                bar.set_postfix(main=f"{main:.3f}", tok_s=f"{tps:,.0f}")
+                print0(f"step {step + 1}: main loss {main:.4f} (total {loss:.4f}, mtp {mtp:.4f}, balance "
+                       f"{balance:.2e}), maxvio {rec['maxvio']:.3f}, lr {rec['lr']:.2e}, {tps:,.0f} tokens/s"
+                       + (f", MFU {rec['mfu']:.1%}, {rec['memory_gb']:.1f} GB" if "mfu" in rec else ""))
+                log(rec)
+                t0, tokens_since = time.time(), 0
+            if not stopped and ((step + 1) % c.eval_interval == 0 or step + 1 == last_stop):
+                val = evaluate(model, val_loader, c.eval_iters, autocast, device)
+                with ema.applied(model):
+                    val_ema = evaluate(model, val_loader, c.eval_iters, autocast, device)
+                print0(f"step {step + 1}: val loss {val:.4f}, EMA val loss {val_ema:.4f}")
+                log(dict(step=step + 1, val_loss=val, val_loss_ema=val_ema))
+            if stopped or (step + 1) % c.eval_interval == 0 or step + 1 == last_stop:
+                if master:
+                    checkpoint(step + 1)
+                t0, tokens_since = time.time(), 0  # evaluation and checkpoint time is not training time
+            if stopped:
+                break
+    finally:
+        interrupt.restore()
+        bar.close()
+        ema.wait()
+        if log_file:
+            log_file.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if stopped:
+        print0(f"stopped at step {step + 1}, checkpoint written to {ckpt_path}; continue with:\n"
+               f"    python train.py --out_dir={c.out_dir} --resume")
+        raise SystemExit(128 + (interrupt.signum or signal.SIGTERM))
 
 
 if __name__ == "__main__":

@@ -357,14 +357,26 @@ def test_loader_batches(tmp_path):
     assert x.shape == y.shape == (3, 12) and torch.equal(y, x + 1)
 
 
-def test_loader_ranks_and_seeds(tmp_path):
+def test_loader_ranks_share_one_global_batch(tmp_path):
     paths = ramp_shards(tmp_path, [60_000])
-    draw = lambda **kw: data.DataLoader(paths, 8, 16, **kw).next_batch()[0]
+    draw = lambda **kw: data.DataLoader(paths, 8, 16, **kw).next_batch()[0]  # noqa: E731
     assert torch.equal(draw(rank=1, world_size=2), draw(rank=1, world_size=2))
     assert not torch.equal(draw(rank=0, world_size=2), draw(rank=1, world_size=2))
     assert not torch.equal(draw(seed=0), draw(seed=1))
     with pytest.raises(ValueError, match="rank"):
         data.DataLoader(paths, 8, 16, rank=2, world_size=2)
+    # Two steps of a global batch of 8 windows on four layouts: every layout reads the same windows.
+    def windows(batch_size, world, accum):
+        loaders = [data.DataLoader(paths, batch_size, 16, r, world, seed=3, grad_accum=accum) for r in range(world)]
+        steps = []
+        for _ in range(2):
+            rows = [x for _ in range(accum) for loader in loaders for x in loader.next_batch()[0]]
+            steps.append(sorted(tuple(x.tolist()) for x in rows))
+        return steps
+    ref = windows(8, 1, 1)
+    assert len(ref[0]) == 8 and ref[0] != ref[1]
+    for layout in [(4, 2, 1), (2, 1, 4), (1, 4, 2), (2, 2, 2)]:
+        assert windows(*layout) == ref, layout
 
 
 def test_loader_refuses_short_file(tmp_path):
@@ -376,7 +388,7 @@ def test_loader_refuses_short_file(tmp_path):
 
 def test_loader_resume(tmp_path):
     paths = ramp_shards(tmp_path, [50_000, 20_000])
-    make = lambda rank: data.DataLoader(paths, 4, 32, rank=rank, world_size=2, seed=7)
+    make = lambda rank, world=2, accum=1: data.DataLoader(paths, 4, 32, rank, world, seed=7, grad_accum=accum)  # noqa: E731
     run = make(0)
     for _ in range(3):
         run.next_batch()
@@ -387,12 +399,25 @@ def test_loader_resume(tmp_path):
     for _ in range(5):
         for a, b in zip(run.next_batch(), resumed.next_batch()):
             assert torch.equal(a, b)
-    # Rank 1 given rank 0's state (a checkpoint keeps one) continues its own stream, not rank 0's.
+    # Rank 1 given rank 0's state (a checkpoint keeps one) continues rank 1's share of the batch.
     ref1, other = make(1), make(1)
     for _ in range(3):
         ref1.next_batch()
     other.load_state_dict(state)
     assert other.step == 3
     for _ in range(5):
-        x1, _ = ref1.next_batch()
-        assert torch.equal(other.next_batch()[0], x1)
+        assert torch.equal(other.next_batch()[0], ref1.next_batch()[0])
+    # A layout with the same global batch (1 rank, 2 micro-batches) continues the same windows;
+    # another global batch is refused, and so is a state taken in the middle of a step.
+    two, one = [make(0), make(1)], make(0, world=1, accum=2)
+    for loader in [*two, one]:
+        loader.load_state_dict(state)
+    for _ in range(2):
+        for rank_loader in two:  # micro-batch m of the single process = rank m of the pair
+            assert torch.equal(one.next_batch()[0], rank_loader.next_batch()[0])
+    with pytest.raises(ValueError, match="global_batch 8, this loader has 4"):
+        make(0, world=1).load_state_dict(state)
+    half = make(0, world=1, accum=2)
+    half.next_batch()
+    with pytest.raises(RuntimeError, match="middle of step 1"):
+        half.state_dict()

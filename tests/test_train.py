@@ -3,6 +3,9 @@
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import data
 import sample
 import train
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dim=64", "--inter_dim=128", "--moe_inter_dim=32", "--n_layers=2", "--n_heads=2", "--q_lora_rank=32",
         "--kv_lora_rank=16", "--qk_nope_head_dim=16", "--qk_rope_head_dim=8", "--v_head_dim=16", "--vocab_size=512",
         "--init_std=0.02", "--batch_size=4", "--seq_len=32", "--eval_iters=2", "--log_interval=1", "--warmup_iters=3",
@@ -42,22 +46,129 @@ def test_a_few_steps_lower_the_loss(tmp_path, corpus):
     assert all(r["maxvio"] >= 0 for r in log if "maxvio" in r)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus):
-    common = ["--max_iters=8", "--eval_interval=4", "--lr=3e-3"]
+def train_steps(log):
+    """step -> (loss, main, mtp, balance, maxvio) of the logged training steps; every step once."""
+    steps = [r["step"] for r in log if "loss" in r]
+    assert len(steps) == len(set(steps)), f"duplicate steps in the log: {steps}"
+    return {r["step"]: (r["loss"], r["main"], r["mtp"], r["balance"], r["maxvio"]) for r in log if "loss" in r}
+
+
+def vals(log):
+    return {r["step"]: (r["val_loss"], r["val_loss_ema"]) for r in log if "val_loss" in r}
+
+
+def assert_same_checkpoints(path_a, path_b):
+    """Weights, router biases, EMA, optimizer moments and data position equal, bit for bit."""
+    a, b = train.load_checkpoint(str(path_a)), train.load_checkpoint(str(path_b))
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        for name, t in a[part].items():
+            assert torch.equal(t, b[part][name]), (part, name)
+    for i, state in a["optimizer"]["state"].items():
+        for key, t in state.items():
+            assert torch.equal(t, b["optimizer"]["state"][i][key]), (i, key)
+    assert torch.equal(a["data"]["generator"], b["data"]["generator"])
+
+
+def test_ema_applied_and_then_removed():
+    """Evaluating the average leaves the weights and the average as they were, bit for bit, whatever
+    the parameters' device and dtype (an FP32 CPU parameter once aliased its 'copy')."""
+    for device in ["cpu"] + ["cuda"] * torch.cuda.is_available():
+        for dtype in (torch.float32, torch.bfloat16):
+            net = torch.nn.Linear(8, 4).to(device, dtype)
+            ema = train.EMA(net, 0.9)
+            ema.shadow = [torch.randn_like(s) for s in ema.shadow]  # an average unlike the weights
+            weights = [p.detach().clone() for p in net.parameters()]
+            average = [s.clone() for s in ema.shadow]
+            with ema.applied(net):
+                for p, a in zip(net.parameters(), average):
+                    assert torch.equal(p, a.to(device, dtype)), (device, dtype)
+            for p, s, w, a in zip(net.parameters(), ema.shadow, weights, average):
+                assert torch.equal(p, w) and torch.equal(s, a), (device, dtype)
+
+
+def test_evaluation_does_not_change_training(tmp_path, corpus):
+    common = ["--max_iters=8", "--lr=3e-3", "--ema_interval=2"]
+    often = run(tmp_path / "often", corpus, *common, "--eval_interval=2")
+    never = run(tmp_path / "never", corpus, *common, "--eval_interval=1000")
+    assert len(vals(often)) == 4 and len(vals(never)) == 1  # the last step evaluates in both
+    assert train_steps(often) == train_steps(never)
+    assert vals(often)[8] == vals(never)[8]
+    assert_same_checkpoints(tmp_path / "often" / "ckpt.pt", tmp_path / "never" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("stop", [4, 5], ids=["at-an-evaluation", "between-evaluations"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, stop):
+    common = ["--max_iters=8", "--eval_interval=4", "--lr=3e-3", "--ema_interval=2"]
     full = run(tmp_path / "full", corpus, *common)
-    run(tmp_path / "split", corpus, *common, "--stop_iter=4")
-    split = run(tmp_path / "split", corpus, *common, "--resume")
-    train_steps = lambda log: {r["step"]: (r["loss"], r["main"], r["mtp"], r["balance"]) for r in log if "loss" in r}  # noqa: E731
+    run(tmp_path / "split", corpus, *common, f"--stop_iter={stop}")
+    with open(tmp_path / "split" / "log.jsonl", "a") as f:  # what a crash after the checkpoint leaves
+        f.write(json.dumps(dict(step=stop + 1, loss=0.0, main=0.0, mtp=0.0, balance=0.0, maxvio=0.0)) + "\n{\"ste")
+    # only --resume: every setting (max_iters, the schedules, ema_interval ...) comes from the checkpoint
+    split = run(tmp_path / "split", [], "--resume", "--device=cpu")
     a, b = train_steps(full), train_steps(split)
     assert sorted(b) == list(range(1, 9))
-    for step in range(5, 9):  # after the restart: the same numbers, bit for bit
-        assert a[step] == b[step], (step, a[step], b[step])
-    vals = lambda log: [(r["val_loss"], r["val_loss_ema"]) for r in log if "val_loss" in r]  # noqa: E731
-    assert vals(full)[-1] == vals(split)[-1]  # the EMA was restored too
-    ck_a = train.load_checkpoint(str(tmp_path / "full" / "ckpt.pt"))
-    ck_b = train.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
-    for name, t in ck_a["model"].items():  # weights and router biases
-        assert torch.equal(t, ck_b["model"][name]), name
+    assert a == b  # before and after the restart: the same numbers, bit for bit
+    assert vals(full)[8] == vals(split)[8]  # the EMA was restored too
+    assert_same_checkpoints(tmp_path / "full" / "ckpt.pt", tmp_path / "split" / "ckpt.pt")
+
+
+def test_resume_takes_the_checkpoints_settings(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    run(out, corpus, "--max_iters=6", "--eval_interval=3", "--stop_iter=3")
+    files = {f: (out / f).read_bytes() for f in ("ckpt.pt", "tokenizer.tiktoken", "log.jsonl")}
+    refused = [("--seed=7", "--seed=7: the checkpoint's run has seed=1337"),
+               ("--n_layers=4", "--n_layers=4: the checkpoint's model has n_layers=2"),
+               ("--preset=small", "--preset=small: the checkpoint's run has preset=nano"),
+               ("--data=elsewhere.txt", "--data=elsewhere.txt: the checkpoint's run has data="),
+               ("--batch_size=8", "gives 8 sequences per step; the checkpoint's run took 4")]
+    for arg, message in refused:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            train.main([f"--out_dir={out}", "--resume", arg])
+    with pytest.raises(SystemExit, match="holds a run already: continue it with --resume"):
+        train.main(TINY + corpus + [f"--out_dir={out}"])
+    assert {f: (out / f).read_bytes() for f in files} == files  # nothing in out_dir was touched
+    capsys.readouterr()
+    log = run(out, [], "--resume", "--max_iters=9", "--batch_size=2", "--grad_accum=2", "--log_interval=3")
+    printed = capsys.readouterr().out
+    for change in ("resume: max_iters 6 -> 9", "resume: batch_size 4 -> 2", "resume: grad_accum 1 -> 2"):
+        assert change in printed
+    assert "model: nano" in printed
+    assert sorted(train_steps(log)) == [1, 2, 3, 6, 9]  # log_interval 1 before the restart, 3 after
+    assert train.load_checkpoint(str(out / "ckpt.pt"))["config"]["max_iters"] == 9
+    with pytest.raises(SystemExit, match="at step 9, the end of its max_iters=9"):
+        train.main([f"--out_dir={out}", "--resume"])
+
+
+def test_interrupt_finishes_the_step_and_checkpoints(tmp_path, corpus):
+    """Ctrl-C or SIGTERM in the middle of a run: a checkpoint of the last whole step, a non-zero exit,
+    and a resume that continues exactly like the uninterrupted run."""
+    common = TINY + corpus + ["--max_iters=400", "--eval_interval=1000", "--ema_interval=2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / sig.name
+        p = subprocess.Popen([sys.executable, "train.py", *common, f"--out_dir={out}"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in p.stdout:  # wait until training is under way
+            if line.startswith("step 3:"):
+                break
+        p.send_signal(sig)
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 128 + sig, stderr
+        assert f"--out_dir={out} --resume" in stdout
+        stopped = train.load_checkpoint(str(out / "ckpt.pt"))["step"]
+        assert 3 <= stopped < 400
+        log = [json.loads(line) for line in open(out / "log.jsonl")]
+        assert max(train_steps(log)) == stopped  # the stopping step is logged
+    # the uninterrupted run and the resume in processes like the interrupted one (same threads, same bits)
+    subprocess.run([sys.executable, "train.py", f"--out_dir={out}", "--resume", f"--stop_iter={stopped + 3}"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "train.py", *common, f"--out_dir={tmp_path / 'full'}", f"--stop_iter={stopped + 3}"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    resumed, full = ([json.loads(line) for line in open(d / "log.jsonl")] for d in (out, tmp_path / "full"))
+    assert sorted(train_steps(resumed)) == list(range(1, stopped + 4))
+    assert train_steps(resumed) == train_steps(full)
+    assert_same_checkpoints(out / "ckpt.pt", tmp_path / "full" / "ckpt.pt")
 
 
 def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path):
