@@ -1,0 +1,282 @@
+"""DualPipe's schedule as data, 1F1B, and the simulator (dualpipe.py). Pure Python, no tensors."""
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import dualpipe
+from dualpipe import Deadlock, schedule, schedule_1f1b, simulate, table2_bubble
+
+SIZES = [(pp, c) for pp in (2, 4, 6, 8) for c in sorted({2 * pp, 2 * pp + 2, 3 * pp, 4 * pp})]
+
+
+def parse(row):
+    """'0F0 0F3+1B1 0W2' -> [(("F", 0, 0),), (("F", 0, 3), ("B", 1, 1)), (("W", 0, 2),)]"""
+    return [tuple((cell[1], int(cell[0]), int(cell[2:])) for cell in step.split("+")) for step in row.split()]
+
+
+def times(F, B, W, FB):
+    return {"F": F, "B": B, "W": W, "F&B": FB}
+
+
+def half_rank(rank, pp):
+    return min(rank, pp - 1 - rank)
+
+
+# The order of deepseek-ai/DualPipe's DualPipe.step() (dualpipe/dualpipe.py), worked out by hand from
+# its eight phase loops for PP=4, 10 micro-batches: half_rank = min(rank, 3 - rank), phase 0 is
+# direction 0 on ranks 0-1 and direction 1 on ranks 2-3, the loop counts are step_1 = 2(1 - half_rank),
+# step_2 = half_rank + 1, step_3 = 1 - half_rank, step_4 = 5 - 4 + half_rank + 1 (its first pair split
+# on the middle ranks 1 and 2), step_5 = 1 - half_rank, step_6 = half_rank + 1 (zero bubble switched on
+# at i = step_6 // 2: before B1 for odd half_rank, between B1 and B0 for even), step_7 = 1 - half_rank,
+# step_8 = half_rank + 1; W pops the weight-gradient queue in FIFO order.
+DEEPSEEK_PP4_C10 = [
+    "0F0 0F1  0F2 1F0  1B0 1W0 1F1  0F3+1B1 1F2+0B0 0F4+1B2 1F3+0B1  1B3 1F4+0B2  1B4 0B3  0W3 0B4  0W4",
+    "0F0 1F0 0F1 1F1  0F2 1B0 1F2+0B0 0F3+1B1 1F3+0B1 0F4+1B2 1F4+0B2  1B3 0B3 1B4 0B4  1W4 0W4",
+    "1F0 0F0 1F1 0F1  1F2 0B0 0F2+1B0 1F3+0B1 0F3+1B1 1F4+0B2 0F4+1B2  0B3 1B3 0B4 1B4  0W4 1W4",
+    "1F0 1F1  1F2 0F0  0B0 0W0 0F1  1F3+0B1 0F2+1B0 1F4+0B2 0F3+1B1  0B3 0F4+1B2  0B4 1B3  1W3 1B4  1W4",
+]
+# PP=2, 4 micro-batches: both ranks are middle ranks (half_rank 0): step_2 = 1, step_4 = 1 (split),
+# step_6 = 1 (zero bubble on between B1 and B0), step_8 = 1; steps 1, 3, 5, 7 are empty.
+DEEPSEEK_PP2_C4 = ["0F0 1F0  0F1 1B0 1F1+0B0  1B1 0B1  0W1",
+                   "1F0 0F0  1F1 0B0 0F1+1B0  0B1 1B1  1W1"]
+
+
+def test_schedule_is_deepseeks_order_pp4_chunks10():
+    assert schedule(4, 10) == [parse(row) for row in DEEPSEEK_PP4_C10]
+
+
+def test_schedule_is_deepseeks_order_pp2_chunks4():
+    assert schedule(2, 4) == [parse(row) for row in DEEPSEEK_PP2_C4]
+
+
+def test_module_docstring_draws_the_pp4_schedule():
+    rows = [[], [], [], []]                 # drawn in two blocks, phases 1-4 and 5-8
+    for line in dualpipe.__doc__.splitlines():
+        if line.split()[:1] == ["rank"]:
+            rows[int(line.split()[1])] += line.split()[2:]
+    assert rows == [["+".join(map(dualpipe.label, s)) for s in steps] for steps in schedule(4, 10)]
+
+
+@pytest.mark.parametrize("pp, c", SIZES)
+def test_every_rank_runs_F_and_B_once_per_chunk_of_both_its_stages(pp, c):
+    every_chunk = Counter((d, i) for d in (0, 1) for i in range(c // 2))
+    for steps in schedule(pp, c):
+        for kind in "FB":
+            assert Counter(a[1:] for s in steps for a in s if a[0] == kind) == every_chunk
+
+
+@pytest.mark.parametrize("pp, c", SIZES)
+def test_W_once_for_each_deferred_B_and_after_it(pp, c):
+    for rank, steps in enumerate(schedule(pp, c)):
+        actions = [a for s in steps for a in s]
+        ws = [a[1:] for a in actions if a[0] == "W"]
+        assert len(ws) == len(set(ws)) == pp - 1 - half_rank(rank, pp)   # steps 3, 7 and 8 of DeepSeek's loop
+        for w in ws:
+            assert actions.index(("B", *w)) < actions.index(("W", *w))
+        # a B in an overlapped pair never defers its W
+        assert not {a[1:] for s in steps if len(s) == 2 for a in s if a[0] == "B"} & set(ws)
+
+
+@pytest.mark.parametrize("pp, c", SIZES)
+def test_pairs_are_one_F_and_one_B_of_the_two_directions(pp, c):
+    for rank, steps in enumerate(schedule(pp, c)):
+        pairs = [s for s in steps if len(s) == 2]
+        for f, b in pairs:
+            assert (f[0], b[0]) == ("F", "B") and f[1] != b[1]
+        split = half_rank(rank, pp) == pp // 2 - 1          # the middle ranks' first pair runs as two steps
+        assert len(pairs) == c - 3 * pp // 2 + half_rank(rank, pp) + 1 - split
+        assert all(len(s) in (1, 2) for s in steps)
+
+
+@pytest.mark.parametrize("pp, c", [(2, 4), (4, 10), (6, 14), (8, 24)])
+@pytest.mark.parametrize("t", [times(1, 1, 1, 3), times(1, 2, 0.5, 2.5), times(2, 1, 1, 2)])
+def test_simulation_meets_every_dependency_and_does_not_deadlock(pp, c, t):
+    p2p = 0.25
+    for steps in (schedule(pp, c), schedule_1f1b(pp, c)):
+        tl = simulate(steps, t, p2p=p2p)
+        assert len(tl.end) == sum(len(s) for rank_steps in steps for s in rank_steps)
+        assert tl.makespan == max(tl.end.values())
+        for (r, kind, d, i), start in tl.start.items():
+            stage = r if d == 0 else pp - 1 - r
+            prev, nxt = (r - 1, r + 1) if d == 0 else (r + 1, r - 1)
+            if kind == "F" and stage > 0:
+                assert start >= tl.end[(prev, "F", d, i)] + p2p
+            if kind == "B":
+                assert start >= tl.end[(r, "F", d, i)]
+                if stage < pp - 1:
+                    assert start >= tl.end[(nxt, "B", d, i)] + p2p
+            if kind == "W":
+                assert start >= tl.end[(r, "B", d, i)]
+        for r, rank_steps in enumerate(steps):          # in order, one step at a time
+            spans = [(tl.start[(r, *s[0])], tl.end[(r, *s[0])]) for s in rank_steps]
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+# F&B from its floor, max(F, B + W) (the pair overlaps all of the shorter part), to its ceiling F + B + W
+EQUAL_F_B = [times(F, F, W, FB) for F in (0.5, 1, 2) for W in (0, F / 2, F)
+             for FB in (F + W, 1.5 * F + W, 2 * F + W)]
+
+
+@pytest.mark.parametrize("pp", [2, 4, 6, 8])
+@pytest.mark.parametrize("t", EQUAL_F_B)
+def test_bubble_is_table2_when_F_equals_B_and_W_at_most_B(pp, t):
+    for c in (2 * pp, 3 * pp):
+        assert simulate(schedule(pp, c), t).bubble == pytest.approx(table2_bubble("dualpipe", pp, t), abs=1e-12)
+
+
+def found_relation(pp, t):
+    """The module docstring's bubble for any times: table 2 plus what F != B and W > B add."""
+    F, B, W, k = t["F"], t["B"], t["W"], pp // 2 - 1
+    return table2_bubble("dualpipe", pp, t) + k * (max(0, F - B) + max(0, W - B)) - min(F, k * max(0, B - F))
+
+
+OTHER_TIMES = [times(F, B, W, FB) for F, B, W in [(2, 1, 1), (1.5, 1, 0.5), (1, 2, 1), (1, 1.25, 1), (0.5, 1, 0),
+                                                  (1, 1, 2), (1, 0.5, 1.5), (0.5, 1.5, 2)]
+               for FB in (max(F, B + W), F + B + W)]
+
+
+@pytest.mark.parametrize("pp", [2, 4, 6, 8, 10])
+@pytest.mark.parametrize("t", OTHER_TIMES)
+def test_bubble_for_other_times_follows_the_found_relation(pp, t):
+    for c in (2 * pp, 2 * pp + 2, 3 * pp):
+        bubble = simulate(schedule(pp, c), t).bubble
+        assert bubble == pytest.approx(found_relation(pp, t), abs=1e-12)
+        if pp >= 4 and t["F"] >= t["B"] and (t["F"] > t["B"] or t["W"] > t["B"]):
+            assert bubble > table2_bubble("dualpipe", pp, t)     # table 2 undercounts there
+        if pp >= 4 and t["F"] < t["B"] and t["W"] <= t["B"]:
+            assert bubble < table2_bubble("dualpipe", pp, t)     # and overcounts by up to one F there
+
+
+def test_bubble_is_the_idle_time_of_the_innermost_ranks():
+    t = times(1, 1, 1, 2)                                           # a pair faster than F then B+W
+    tl = simulate(schedule(8, 16), t)
+    assert tl.idle == [1, 2, 3, 3, 3, 3, 2, 1]
+    assert tl.bubble == 3 == table2_bubble("dualpipe", 8, t)
+    # an innermost rank's work: C - PP - 1 pairs and PP + 1 forwards and full backwards alone
+    assert tl.makespan == 44 == (16 - 8 - 1) * 2 + (8 + 1) * (1 + 2) + tl.bubble
+
+
+@pytest.mark.parametrize("pp", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("t", [times(1, 1, 1, None), times(2, 1, 0, None), times(0.5, 2, 1.5, None)])
+def test_1f1b_idle_is_table2_on_every_rank_for_any_times(pp, t):
+    for c in (1, pp, 2 * pp + 1, 4 * pp):
+        tl = simulate(schedule_1f1b(pp, c), t)
+        assert tl.idle == pytest.approx([table2_bubble("1f1b", pp, t)] * pp, abs=1e-12)
+        assert tl.makespan == pytest.approx((c + pp - 1) * (t["F"] + t["B"] + t["W"]), abs=1e-12)
+
+
+@pytest.mark.parametrize("pp", [4, 6, 8])
+@pytest.mark.parametrize("t", [times(1, 1, 1, 3), times(1, 1, 1, 2), times(2, 1, 1, 3), times(1, 2, 0.5, 3.5)])
+def test_dualpipe_bubble_and_makespan_below_1f1b(pp, t):
+    for c in (2 * pp, 4 * pp):
+        dual, base = simulate(schedule(pp, c), t), simulate(schedule_1f1b(pp, c), t)
+        assert dual.bubble < base.bubble
+        assert dual.makespan < base.makespan
+
+
+def test_1f1b_order_pp4_chunks6():
+    assert schedule_1f1b(4, 6) == [parse(row) for row in [
+        "0F0 0F1 0F2 0F3 0B0 0F4 0B1 0F5 0B2 0B3 0B4 0B5",
+        "0F0 0F1 0F2 0B0 0F3 0B1 0F4 0B2 0F5 0B3 0B4 0B5",
+        "0F0 0F1 0B0 0F2 0B1 0F3 0B2 0F4 0B3 0F5 0B4 0B5",
+        "0F0 0B0 0F1 0B1 0F2 0B2 0F3 0B3 0F4 0B4 0F5 0B5"]]
+
+
+def unsplit(steps, pp):
+    """DualPipe with the middle ranks' first step-4 F0, B1 run as one overlapped pair."""
+    out = []
+    for rank, rank_steps in enumerate(steps):
+        rank_steps = list(rank_steps)
+        if half_rank(rank, pp) == pp // 2 - 1:
+            i = next(i for i, (a, b) in enumerate(zip(rank_steps, rank_steps[1:]))
+                     if len(a) == len(b) == 1 and a[0][0] == "F" and b[0][0] == "B")
+            rank_steps[i:i + 2] = [rank_steps[i] + rank_steps[i + 1]]
+        out.append(rank_steps)
+    return out
+
+
+def test_middle_ranks_split_first_pair_as_deepseek_and_what_it_does():
+    steps = schedule(4, 10)
+    assert steps[1][4:6] == [(("F", 0, 2),), (("B", 1, 0),)] and steps[2][4:6] == [(("F", 1, 2),), (("B", 0, 0),)]
+    slow_b = times(1, 2, 1, 4)                                      # B > F: the split pays
+    assert simulate(steps, slow_b).makespan == 43
+    assert simulate(unsplit(steps, 4), slow_b).makespan == 44
+    fast_pair = times(1, 1, 1, 2)                                   # a pair 1 faster than its parts: it costs 1
+    assert simulate(steps, fast_pair).makespan == 26
+    assert simulate(unsplit(steps, 4), fast_pair).makespan == 25
+
+
+@pytest.mark.parametrize("make", [schedule, schedule_1f1b])
+def test_p2p_latency_delays_each_hop(make):
+    pp, F, p2p = 8, 1.0, 0.5
+    tl = simulate(make(pp, 2 * pp), times(F, 1, 1, 3), p2p=p2p)
+    assert [tl.start[(r, "F", 0, 0)] for r in range(pp)] == [r * (F + p2p) for r in range(pp)]
+    assert tl.makespan > simulate(make(pp, 2 * pp), times(F, 1, 1, 3)).makespan
+
+
+def test_deadlock_is_reported_with_the_waiting_ops():
+    # rank 1 wants 0B0 before its own 0F0, and rank 0's 0B0 waits on rank 1's
+    broken = [parse("0F0 0B0"), parse("0B0 0F0")]
+    with pytest.raises(Deadlock) as e:
+        simulate(broken, times(1, 1, 1, 3))
+    assert str(e.value) == "deadlock: rank 0 waits at 0B0 for 0B0 on rank 1; rank 1 waits at 0B0 for 0F0 on rank 1"
+
+
+def test_deadlock_on_an_op_that_never_comes():
+    steps = schedule(4, 8)
+    steps[0] = [s for s in steps[0] if s != (("F", 0, 1),)]         # rank 0 drops a forward
+    with pytest.raises(Deadlock, match=r"rank 1 waits at 0F1 for 0F1 on rank 0"):
+        simulate(steps, times(1, 1, 1, 3))
+
+
+def test_bad_steps_are_refused():
+    with pytest.raises(ValueError, match="one F and one B"):
+        simulate([parse("0F0+0F1")], times(1, 1, 1, 3))
+    with pytest.raises(ValueError, match="rank 0 runs 0F0 twice"):
+        simulate([parse("0F0 0F0")], times(1, 1, 1, 3))
+
+
+@pytest.mark.parametrize("pp, c, message", [
+    (3, 12, "num_ranks (PP) must be an even integer >= 2, got 3"),
+    (0, 4, "num_ranks (PP) must be an even integer >= 2, got 0"),
+    (4.0, 8, "num_ranks (PP) must be an even integer >= 2, got 4.0"),
+    (4, 7, "num_chunks must be an even integer >= 2 * num_ranks = 8, got 7"),
+    (4, 6, "num_chunks must be an even integer >= 2 * num_ranks = 8, got 6"),
+    (8, 14, "num_chunks must be an even integer >= 2 * num_ranks = 16, got 14"),
+])
+def test_bad_sizes_stop_with_the_message(pp, c, message):
+    with pytest.raises(ValueError) as e:
+        schedule(pp, c)
+    assert str(e.value) == message
+
+
+def test_1f1b_bad_sizes():
+    with pytest.raises(ValueError, match=r"num_ranks must be an integer >= 1, got 0"):
+        schedule_1f1b(0, 4)
+    with pytest.raises(ValueError, match=r"num_chunks must be an integer >= 1, got 0"):
+        schedule_1f1b(2, 0)
+
+
+def test_main_prints_timeline_and_bubbles(capsys):
+    assert dualpipe.main(["4", "10"]) == 0
+    out = capsys.readouterr().out
+    dual_rows = [line for line in out.split("1f1b")[0].splitlines() if line.startswith("rank ")]
+    assert len(dual_rows) == 4 and len({len(row) for row in dual_rows}) == 1   # time-aligned rows
+    tl = simulate(schedule(4, 10), times(1, 1, 1, 3))
+    assert [row.count(".") for row in dual_rows] == [4 * i for i in tl.idle] == [8, 8, 8, 8]
+    assert "0F3+1B1" in dual_rows[0]
+    assert "makespan 32, idle per rank 2 2 2 2, bubble 2, table 2: 2" in out
+    assert "makespan 39, idle per rank 9 9 9 9, bubble 9, table 2: 9" in out
+
+
+def test_command_line_bad_argument_prints_the_message_not_a_traceback():
+    script = Path(dualpipe.__file__)
+    for args, message in [(["3", "10"], "num_ranks (PP) must be an even integer >= 2, got 3"),
+                          (["4", "x"], "must be integers"),
+                          (["4"], "usage: python dualpipe.py PP num_chunks")]:
+        run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
