@@ -155,7 +155,11 @@ def corpus_text(data: str = "shakespeare") -> list[str]:
     files = _resolve_files(data)
     if any(f.endswith(".bin") for f in files):
         raise ValueError(f"data={data!r} names token shards (.bin), which have no text")
-    return [_read_text(f) for f in files]
+    texts = [_read_text(f) for f in files]
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"data={data!r}: " + (f"{files[0]} holds no text" if len(files) == 1 else
+                                               f"none of its {len(files)} files holds any text"))
+    return texts
 
 
 # -----------------------------------------------------------------------------
@@ -304,7 +308,9 @@ def load_hf_tokenizer(path: str) -> tiktoken.Encoding:
     parts = pre.get("pretokenizers", [pre])
     splits = [p["pattern"]["Regex"] for p in parts if p.get("type") == "Split" and "Regex" in p.get("pattern", {})]
     pat = "|".join(f"(?:{r})" for r in splits) if splits else GPT2_PAT
-    specials = {t["content"]: t["id"] for t in tok.get("added_tokens", []) if t["content"].encode() not in ranks}
+    specials = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    for name in specials:  # an added token is special, never the result of merges
+        ranks.pop(name.encode(), None)
     return tiktoken.Encoding(os.path.basename(os.path.dirname(os.path.abspath(path))) or "hf", pat_str=pat,
                              mergeable_ranks=ranks, special_tokens=specials)
 

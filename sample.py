@@ -70,12 +70,12 @@ def find_checkpoint(path):
     return "train", path
 
 
-def load_tokenizer(name, folder):
-    """(encoding, end-of-text id) from a name train.py or a Hugging Face folder gives."""
-    if name != "gpt2" and not os.path.isabs(name) and not os.path.exists(name):
-        name = os.path.join(folder, name)
+def load_tokenizer(given, own, folder):
+    """The encoding --tokenizer names, else the checkpoint's own (a file name in its folder)."""
+    name = given or (own if own == "gpt2" else os.path.join(folder, own))
     if name != "gpt2" and not os.path.isfile(name):
-        raise SystemExit(f"tokenizer {name} not found: pass --tokenizer=path/to/file.tiktoken or tokenizer.json")
+        raise SystemExit(f"--tokenizer={given}: no such file" if given else
+                         f"{name} not found beside the checkpoint: pass --tokenizer=a .tiktoken file or tokenizer.json")
     try:
         if name.endswith(".json"):
             return data_lib.load_hf_tokenizer(name)
@@ -92,7 +92,7 @@ def load_model(c):
             model = model_lib.Transformer.from_pretrained(path)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"--ckpt={path}: {e}") from None
-        enc = load_tokenizer(c.tokenizer or "tokenizer.json", path)
+        enc = load_tokenizer(c.tokenizer, "tokenizer.json", path)
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
         eot = config.get("eos_token_id")
@@ -105,7 +105,7 @@ def load_model(c):
     model.load_state_dict(ck["model"])
     if c.ema:  # the EMA holds parameters only; the router biases come from the model state
         model.load_state_dict(ck["ema"], strict=False)
-    enc = load_tokenizer(c.tokenizer or ck["tokenizer"], os.path.dirname(path))
+    enc = load_tokenizer(c.tokenizer, ck["tokenizer"], os.path.dirname(path))
     return model, enc, enc.eot_token, enc.eot_token
 
 

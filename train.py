@@ -77,7 +77,7 @@ ema_decay = 0.99            # per step
 ema_interval = 10           # steps between EMA updates (each applies ema_decay ** ema_interval)
 # evaluation, logging, checkpoints
 eval_interval = 100         # steps between evaluations, each followed by a checkpoint
-eval_iters = 10             # validation batches per evaluation
+eval_iters = 10             # validation steps per evaluation, each the size of a training step
 log_interval = 10           # steps between log lines (out_dir/log.jsonl)
 out_dir = "out"             # checkpoint, tokenizer and log of this run
 resume = False              # continue the run in out_dir from its checkpoint, with its settings
@@ -563,11 +563,16 @@ def prepare_data(c, args, rank, world, fresh):
                                  f"tokenizer's {info['vocab_size']}")
             args = model_lib.ModelArgs.from_dict({**asdict(args), "vocab_size": -(-info["vocab_size"] // 64) * 64})
         train = data_lib.DataLoader(info["train"], c.batch_size, c.seq_len, rank, world, c.seed, grad_accum=c.grad_accum)
-        val = lambda: data_lib.DataLoader(info["val"], c.batch_size, c.seq_len, rank, world, c.seed + 1)  # noqa: E731
+        # an evaluation batch is a step's global batch, so every layout evaluates on the same windows
+        val = lambda: data_lib.DataLoader(info["val"], c.batch_size, c.seq_len, rank, world, c.seed + 1,  # noqa: E731
+                                          grad_accum=c.grad_accum)
         val()
     except (ValueError, RuntimeError, OSError) as e:
-        split = " (a smaller --seq_len, or a larger --val_fraction)" if "window needs" in str(e) else ""
-        raise SystemExit(f"--data={c.data}: {e}{split}") from None
+        hint = ""
+        if "window needs" in str(e):
+            hint = " (a larger --val_fraction or a smaller --seq_len)" if "val" in str(e).split("holds")[0][-12:] \
+                else " (more text or a smaller --seq_len)"
+        raise SystemExit(("" if str(e).startswith("data=") else f"--data={c.data}: ") + f"{e}{hint}") from None
     return info, args, train, val
 
 
@@ -710,9 +715,10 @@ def main(argv=None):
                 log(rec)
                 t0, tokens_since = time.time(), 0
             if not stopped and ((step + 1) % c.eval_interval == 0 or step + 1 == last_stop):
-                val = evaluate(model, val_loader, c.eval_iters, autocast, device)
+                batches = c.eval_iters * c.grad_accum
+                val = evaluate(model, val_loader, batches, autocast, device)
                 with ema.applied(model):
-                    val_ema = evaluate(model, val_loader, c.eval_iters, autocast, device)
+                    val_ema = evaluate(model, val_loader, batches, autocast, device)
                 print0(f"step {step + 1}: val loss {val:.4f}, EMA val loss {val_ema:.4f}")
                 log(dict(step=step + 1, val_loss=val, val_loss_ema=val_ema))
             if stopped or (step + 1) % c.eval_interval == 0 or step + 1 == last_stop:

@@ -21,15 +21,6 @@ TINY = ["--dim=64", "--inter_dim=128", "--moe_inter_dim=32", "--n_layers=2", "--
         "--compile=false", "--device=cpu"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    plays = data.corpus_text("shakespeare")
-    for i, text in enumerate(plays[:3]):
-        (root / f"play{i}.txt").write_text(text[:60_000])
-    return [f"--data={root}/*.txt", f"--cache_dir={tmp_path_factory.mktemp('cache')}"]
-
-
 def run(out_dir, corpus, *extra):
     train.main(TINY + corpus + [f"--out_dir={out_dir}", *extra])
     with open(os.path.join(out_dir, "log.jsonl")) as f:
