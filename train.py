@@ -338,7 +338,9 @@ class AdamW(torch.optim.Optimizer):
                     self.fused_update(p.view(-1), p.grad.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), *h)
                 continue
             grads = [p.grad.float() for p in params]
-            m = [s["exp_avg"].float() for s in states]  # FP32 working copies of the stored moments
+            # FP32 working copies of BF16 moments; FP32 moments are updated in place (.float() is then
+            # the moment itself, and the copies back below copy a tensor onto itself)
+            m = [s["exp_avg"].float() for s in states]
             v = [s["exp_avg_sq"].float() for s in states]
             torch._foreach_lerp_(m, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
             torch._foreach_mul_(v, beta2)
@@ -621,6 +623,7 @@ def main(argv=None):
     ema = EMA(model, c.ema_decay)  # from the weights training starts from, the same on every rank
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
+        ckpt = dict(step=start)  # the loaded tensors are copied into place: let the rest go
 
     # Everything is checked: from here on the run writes into out_dir.
     os.makedirs(c.out_dir, exist_ok=True)
