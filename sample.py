@@ -24,7 +24,8 @@ import torch
 
 import data as data_lib
 import model as model_lib
-from train import load_checkpoint, parse_args
+import checkpoint as checkpoint_lib
+from train import parse_args
 
 # settings (--key=value; --help lists them)
 ckpt = "out"                 # train.py's out_dir or its ckpt.pt, or a Hugging Face-format checkpoint directory
@@ -98,14 +99,14 @@ def load_model(c):
         eot = config.get("eos_token_id")
         return model, enc, eot, config.get("bos_token_id", eot)
     try:
-        ck = load_checkpoint(path)
+        meta, tensors = checkpoint_lib.load(path)  # whatever layout wrote it
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    model = model_lib.Transformer(model_lib.ModelArgs.from_dict(ck["model_args"]))
-    model.load_state_dict(ck["model"])
+    model = model_lib.Transformer(model_lib.ModelArgs.from_dict(meta["model_args"]))
+    model.load_state_dict(tensors["model"])
     if c.ema:  # the EMA holds parameters only; the router biases come from the model state
-        model.load_state_dict(ck["ema"], strict=False)
-    enc = load_tokenizer(c.tokenizer, ck["tokenizer"], os.path.dirname(path))
+        model.load_state_dict(tensors["ema"], strict=False)
+    enc = load_tokenizer(c.tokenizer, meta["tokenizer"], os.path.dirname(path))
     return model, enc, enc.eot_token, enc.eot_token
 
 

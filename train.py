@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint as checkpoint_lib
 import data as data_lib
 import model as model_lib
 from moe import update_bias
@@ -462,30 +463,21 @@ class EMA:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# checkpoints (checkpoint.py: the format)
 
-def save_checkpoint(path, ckpt):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint (truncated, corrupt, or not written by "
-                         f"torch.save with plain tensors): {type(e).__name__}: {str(e)[:200]}") from None
-    missing = {"model_args", "model", "step"} - set(ckpt) if isinstance(ckpt, dict) else {"everything"}
-    if missing:
-        raise ValueError(f"{path} is not a checkpoint written by train.py: missing {sorted(missing)}")
-    return ckpt
+def adam_moments(model, optimizer):
+    """AdamW's moments by parameter name, the way checkpoint.py stores them."""
+    named = [(n, optimizer.state[p]) for n, p in model.named_parameters() if optimizer.state.get(p)]
+    return dict(exp_avg={n: s["exp_avg"] for n, s in named}, exp_avg_sq={n: s["exp_avg_sq"] for n, s in named})
 
 
-# -----------------------------------------------------------------------------
+def load_adam_moments(model, optimizer, tensors, step):
+    for n, p in model.named_parameters():
+        if n in tensors["exp_avg"]:
+            optimizer.state[p] = dict(step=torch.tensor(float(step)),
+                                      **{k: tensors[k][n].to(p.device, optimizer.moments_dtype, copy=True)
+                                         for k in ("exp_avg", "exp_avg_sq")})
+
 
 @torch.no_grad()
 def evaluate(model, loader_factory, iters, autocast, device):
@@ -525,7 +517,7 @@ def configure(argv):
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path} (start a new run without --resume, "
                              f"or point --out_dir at the run's folder)")
         try:
-            ckpt = load_checkpoint(ckpt_path)
+            ckpt = checkpoint_lib.load_meta(ckpt_path)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         world = int(os.environ.get("WORLD_SIZE", 1))
@@ -609,25 +601,26 @@ def main(argv=None):
         print0(f"note: warmup_iters={c.warmup_iters} is not shorter than max_iters={c.max_iters}: the learning "
                f"rate climbs for the whole run and never reaches lr={c.lr:g}")
     info, args, train_loader, val_loader = prepare_data(c, args, rank, world, ckpt is None)
+    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
 
     model = model_lib.Transformer(args).to(device)
     compile_optimizer = c.compile == "true" or (c.compile == "auto" and device.type == "cuda")
     optimizer = make_optimizer(model, c, compiled=compile_optimizer)
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        train_loader.load_state_dict(ckpt["data"])
+        _, tensors = checkpoint_lib.load(ckpt_path)
+        model.load_state_dict(tensors["model"])
         start = ckpt["step"]
+        load_adam_moments(model, optimizer, tensors, start)
+        train_loader.load_state_dict(ckpt["data"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
     ema = EMA(model, c.ema_decay)  # from the weights training starts from, the same on every rank
     if ckpt is not None:
-        ema.load_state_dict(ckpt["ema"])
-        ckpt = dict(step=start)  # the loaded tensors are copied into place: let the rest go
+        ema.load_state_dict(tensors["ema"])
+        del tensors  # copied into place: let the loaded ones go
 
     # Everything is checked: from here on the run writes into out_dir.
     os.makedirs(c.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
     tokenizer_file = os.path.join(c.out_dir, "tokenizer.tiktoken")
     if master and info["tokenizer"] != "gpt2" and (ckpt is None or not os.path.exists(tokenizer_file)):
         data_lib.save_ranks(data_lib.load_ranks(info["tokenizer"]), tokenizer_file)
@@ -653,11 +646,12 @@ def main(argv=None):
            f"{tokens_per_step:,} tokens per step")
 
     def checkpoint(step):
-        save_checkpoint(ckpt_path, dict(
-            model_args=asdict(args), model=model.state_dict(), optimizer=optimizer.state_dict(),
-            ema=ema.state_dict(), step=step, data=train_loader.state_dict(), rng=dict(cpu=torch.get_rng_state()),
-            config=vars(c), global_batch=c.batch_size * c.grad_accum * world,
-            tokenizer="gpt2" if info["tokenizer"] == "gpt2" else "tokenizer.tiktoken", eot=info["eot"]))
+        meta = dict(model_args=asdict(args), step=step, data=train_loader.state_dict(), rng=dict(cpu=torch.get_rng_state()),
+                    config=vars(c), global_batch=c.batch_size * c.grad_accum * world,
+                    tokenizer="gpt2" if info["tokenizer"] == "gpt2" else "tokenizer.tiktoken", eot=info["eot"])
+        # data parallel: every rank holds the same tensors, rank 0 writes them
+        tensors = dict(model=model.state_dict(), ema=ema.state_dict(), **adam_moments(model, optimizer)) if master else {}
+        checkpoint_lib.save(ckpt_path, meta, tensors, group=CONTROL)
 
     def train_step(step):
         """One optimizer step over grad_accum micro-batches; the losses averaged over them."""
@@ -725,8 +719,7 @@ def main(argv=None):
                 print0(f"step {step + 1}: val loss {val:.4f}, EMA val loss {val_ema:.4f}")
                 log(dict(step=step + 1, val_loss=val, val_loss_ema=val_ema))
             if stopped or (step + 1) % c.eval_interval == 0 or step + 1 == last_stop:
-                if master:
-                    checkpoint(step + 1)
+                checkpoint(step + 1)
                 t0, tokens_since = time.time(), 0  # evaluation and checkpoint time is not training time
             if stopped:
                 break
