@@ -75,8 +75,8 @@ quant_impl = "auto" | "triton" | "torch"
 grouped_impl = "auto" | "triton" | "loop" picks the routed experts' GEMMs (section 5).
 
 Simplified here: every FP8 tensor is E4M3 with FP32 scales (no E5M6 for the attention output's
-cached input, no FP8 dispatch traffic, no BF16 optimizer moments); the routed experts' GEMMs are a
-grouped Triton kernel or a loop over experts, and read the group sizes on the host (one sync);
+cached input, no BF16 optimizer moments; FP8 dispatch traffic is comm.py's); the routed experts'
+GEMMs are a grouped Triton kernel or a loop over experts, and read the group sizes on the host (one sync);
 feature dimensions must be multiples of 128. FP8Linear and fp8_grouped_linear run eagerly:
 torch.compile breaks its graph around them (tracing into them would specialize on the experts'
 token counts, which change every step, and recompile).
@@ -746,10 +746,11 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
 class _FP8GroupedLinearFn(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, w, offs, out_dtype):
+    def forward(ctx, x, w, offs, out_dtype, x_q=None):
         bounds = _group_bounds(offs)
         with torch.autocast(x.device.type, enabled=False):
-            x_fp8, x_s = act_quant(x, pow2=pow2_scales)            # (M, K), rows are independent
+            # x_q: x arrived in FP8 (comm.py's FP8 dispatch), so it is not quantized again
+            x_fp8, x_s = x_q if x_q is not None else act_quant(x, pow2=pow2_scales)  # (M, K), rows independent
             w_fp8, w_s, wT_fp8 = weight_quant(w, pow2=pow2_scales, transposed=True)  # (E, N, K), (E, N/128, K/128), (E, K, N)
             y = fp8_grouped_gemm_rows(x_fp8, x_s, w_fp8, w_s, bounds, out_dtype)   # Fprop (M, N)
         ctx.save_for_backward(x_fp8, x_s, wT_fp8, w_s)
@@ -771,19 +772,20 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
                 dyT_fp8, dyT_s = act_quant_t(dy, pow2=pow2_scales, bounds=bounds)        # (N, Mp)
                 xT_fp8, xT_s = act_quant_t(x_fp8, x_s, pow2=pow2_scales, bounds=bounds)  # (K, Mp)
                 dw = fp8_grouped_gemm_k(dyT_fp8, dyT_s, xT_fp8, xT_s, _group_kblocks(bounds), w_dtype)  # Wgrad (E, N, K)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 @torch.compiler.disable   # eager, like FP8Linear: it reads the group sizes on the host
-def fp8_grouped_linear(x, w, offs):
+def fp8_grouped_linear(x, w, offs, x_q=None):
     """Routed experts in FP8. x (M, K) tokens sorted by expert, w (E, N, K) stacked expert weights,
     offs int32 (E,) cumulative row ends (torch._grouped_mm's convention). Returns y (M, N) with
     y[rows of e] = x[rows of e] @ w[e]^T; all three GEMMs in FP8, like FP8Linear. Groups may be
-    empty and of any size (the Wgrad pads each group's tokens to 128 internally)."""
+    empty and of any size (the Wgrad pads each group's tokens to 128 internally). x_q: x already
+    quantized, (x_fp8 (M, K), x_s (M, K/128)) in 1x128 tiles; the gradient still flows to x."""
     E, N, K = w.shape
     _check_multiple(K, "expert in_features")
     _check_multiple(N, "expert out_features")
-    return _FP8GroupedLinearFn.apply(x, w, offs, _compute_dtype(x))
+    return _FP8GroupedLinearFn.apply(x, w, offs, _compute_dtype(x), x_q)
 
 
 def fp8_grouped_linear_ref(x, w, offs):

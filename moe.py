@@ -18,10 +18,12 @@ Pieces, top to bottom:
     update_bias     the auxiliary-loss-free bias update, with MaxVio as the balance metric
     recompute       selective activation recomputation (section 3.2.3), shared with model.py
 
-Seams for later work: `Experts` is where FP8 grouped GEMMs plug in (fp8.py); the dispatcher is
-an object with `dispatch` / `combine`, so expert parallelism (comm.py) swaps in an all-to-all
-version without touching the layer; `MoE.forward` is a short sequence of calls that a pipeline
-scheduler can cut into attention / dispatch / experts / combine pieces.
+Seams: `Experts` is where FP8 grouped GEMMs plug in (fp8.py; `x_q` takes rows that arrived in
+FP8); the dispatcher is an object with `dispatch` / `combine`, and expert parallelism (comm.py)
+swaps in an all-to-all one: when it has `dispatch_async`, MoE.forward starts the transfer, runs
+the shared experts while the rows travel, and lets its combine apply the gates (eq. 12's sum,
+formed on the way back); `MoE.forward` is a short sequence of calls that a pipeline scheduler can
+cut into attention / dispatch / experts / combine pieces.
 
 Simplified: no token is ever dropped (neither does V3); the router runs in FP32.
 """
@@ -158,13 +160,14 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.fp8 = fp8
 
-    def forward(self, x, counts):
-        """x: (M, D) rows sorted by expert, counts: (E,) rows per expert -> (M, D)."""
+    def forward(self, x, counts, x_q=None):
+        """x: (M, D) rows sorted by expert, counts: (E,) rows per expert -> (M, D). x_q: x already
+        in FP8, (x_fp8, x_s) in 1x128 tiles (comm.py's FP8 dispatch), for the up-projections."""
         if self.fp8:  # all three GEMMs of each expert in FP8 (fp8.py)
             from fp8 import fp8_grouped_linear
             offs = counts.cumsum(0).to(torch.int32)
-            mm = lambda a, w: fp8_grouped_linear(a, w, offs)  # noqa: E731
-            return mm(F.silu(mm(x, self.w1)) * mm(x, self.w3), self.w2)
+            up = lambda w: fp8_grouped_linear(x, w, offs, x_q)  # noqa: E731
+            return fp8_grouped_linear(F.silu(up(self.w1)) * up(self.w3), self.w2, offs)
         dtype = compute_dtype(x)
         x = x.to(dtype)
         w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
@@ -204,25 +207,39 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(args.n_routed_experts), persistent=False)
         self.balance_loss = None
 
-    def norm_score_share(self, x):
+    def norm_score(self, x):
         h = self.norm(x)
-        s = self.gate.affinities(h)
-        shared = self.shared(h) if self.shared is not None else torch.zeros_like(h)
-        return h, s, shared
+        return h, self.gate.affinities(h)
+
+    def shared_experts(self, x, h):
+        """sum_i FFN^(s)_i(u_t) on h = norm(x). Under recompute the norm is redone from x inside
+        the region: passing h in would store it, which is what recomputation avoids."""
+        if self.shared is None:
+            return torch.zeros_like(h)
+        if self.args.recompute:
+            return recompute(lambda x: self.shared(self.norm(x)), x, keep=MATMULS)
+        return self.shared(h)
 
     def forward(self, x):
         B, T, D = x.shape
+        x = x.view(B * T, D)
         # The RMSNorm output is not stored: only the GEMM outputs in this region are.
-        h, s, shared = recompute(self.norm_score_share, x.view(B * T, D), keep=MATMULS,
-                                 enabled=self.args.recompute)
+        h, s = recompute(self.norm_score, x, keep=MATMULS, enabled=self.args.recompute)
         idx, g = self.gate.route(s)  # (N, K), (N, K)
         if torch.is_grad_enabled():  # a training step: count the load for update_bias()
             self.load += tokens_per_expert(idx.flatten(), self.load.numel())
         self.balance_loss = sequence_balance_loss(s.view(B, T, -1), idx.view(B, T, -1), self.args.balance_alpha)
-        xs, counts, handle = self.dispatcher.dispatch(h, idx)  # (N*K, D) sorted by expert
-        ys = self.experts(xs, counts)  # (N*K, D)
-        y = self.dispatcher.combine(ys, handle).view(B * T, -1, D)  # (N, K, D)
-        y = (y * g.unsqueeze(-1).to(y.dtype)).sum(1)  # (N, D)
+        if hasattr(self.dispatcher, "dispatch_async"):  # comm.py: rows travel while the shared experts compute
+            wait = self.dispatcher.dispatch_async(h, idx, g)
+            shared = self.shared_experts(x, h)
+            xs, counts, handle = wait()  # (M, D) sorted by local expert
+            y = self.dispatcher.combine(self.experts(xs, counts, handle.x_q), handle)  # (N, D), gates applied
+        else:
+            shared = self.shared_experts(x, h)
+            xs, counts, handle = self.dispatcher.dispatch(h, idx)  # (N*K, D) sorted by expert
+            ys = self.experts(xs, counts)  # (N*K, D)
+            y = self.dispatcher.combine(ys, handle).view(B * T, -1, D)  # (N, K, D)
+            y = (y * g.unsqueeze(-1).to(y.dtype)).sum(1)  # (N, D)
         return (y + shared).view(B, T, D)
 
 
