@@ -363,7 +363,8 @@ class Hop:
         splits = torch.stack([sent.sum(1), got.sum(1)]).tolist()  # the one host sync of the hop
         self.send_splits, self.recv_splits = splits
         self.counts = got.sum(0)  # (n_local,) rows per local slot
-        slot = torch.arange(n_local, device=dest.device).repeat(G).repeat_interleave(got.flatten())  # (R,)
+        slot = torch.arange(n_local, device=dest.device).repeat(G).repeat_interleave(  # (R,), no second sync
+            got.flatten(), output_size=sum(self.recv_splits))
         self.by_slot = slot.argsort(stable=True)  # arrival order (member, slot) -> slot order
         self.unsort = torch.empty_like(self.by_slot)
         self.unsort[self.by_slot] = torch.arange(len(slot), device=dest.device)
@@ -584,6 +585,7 @@ class AllToAllDispatcher:
             pending = Pending(None, lambda: rows)
         gates = [g] if self.hierarchical else []
 
+        @torch.compiler.disable
         def wait():
             out = _Dispatch.apply(pending, handle, self, h, *gates)
             return (out[0] if gates else out), route.counts, handle
