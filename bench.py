@@ -14,6 +14,13 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
                             one training step (forward, backward, optimizer), BF16 or with FP8
                             GEMMs, compiled (model and AdamW) or eager: its time and MFU, then where the time goes,
                             by CUDA kernel, under the profiler
+    torchrun --nproc_per_node=8 bench.py ep [--tokens=4096 --dim=7168 --topk=8 --experts=256 --local_world=4]
+                            expert parallelism (comm.py): dispatch and combine GB/s per rank against a raw
+                            all_to_all_single of the same bytes, BF16 and FP8, flat and hierarchical
+                            (--local_world=L: every L ranks a node); the MoE layer with and without the
+                            shared-expert overlap; the all-to-all capped at --channels=4,8,16,24,32 CTAs
+                            (a fresh communicator per cap); on one process the permutations alone against
+                            the device copy. Runs under gloo on the CPU too (small flags, e.g. --dim=256)
 
 Timings are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs), except
 `step`, which averages 5 steps between two CUDA events.
@@ -267,7 +274,211 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
-SECTIONS = {"fp8": bench_fp8, "memory": bench_memory, "step": bench_step}
+def bench_ep(tokens=4096, dim=7168, topk=8, experts=256, moe_inter=2048, limited=4, local_world=0, iters=10,
+             channels="4,8,16,24,32"):
+    """Expert-parallel dispatch and combine (comm.py), DeepSeek-V3's shapes by default. Under torchrun,
+    all ranks one expert-parallel group (ep = world; NCCL on GPUs, gloo on the CPU or with several
+    ranks on one GPU). local_world=L makes every L ranks a node (default: torchrun's), and tokens
+    then reach at most `limited` nodes. On one process: what one GPU can tell, the permutations."""
+    import os
+
+    import torch.distributed as dist
+
+    import comm
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return _bench_ep_local(tokens, dim, topk, experts, iters, cuda)
+    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    # NCCL refuses two ranks on one GPU (GPU.md): gloo then, which takes CUDA tensors in all_to_all_single
+    dist.init_process_group("nccl" if cuda and world <= torch.cuda.device_count() else "gloo")
+    layout = comm.Layout(world, local_world or int(os.environ["LOCAL_WORLD_SIZE"]), ep=world, n_experts=experts)
+    grid = comm.make_grid(layout, dist.get_rank())
+    nodes, limited = layout.nodes_per_ep, min(limited, layout.nodes_per_ep)
+    timer = lambda f: _ep_time(f, iters, cuda)  # noqa: E731
+    say = print if grid.rank == 0 else (lambda *a, **k: None)
+    if grid.rank == 0:
+        _header(f"ep: {world} ranks ({dist.get_backend()}, {device.type}), {nodes} node(s) of {layout.ranks_per_node_ep}, "
+                f"{tokens} tokens x {dim} per rank, top-{topk} of {experts} experts"
+                + (f" within {limited} nodes" if nodes > 1 else "") + f", {iters} iterations")
+    torch.manual_seed(grid.rank)
+    idx = _ep_routing(tokens, experts, topk, nodes, limited, device)
+    h = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16)
+    g = torch.rand(tokens, topk, device=device)
+
+    say("\n-- dispatch and combine per rank; GB/s = bytes sent to other GPUs / time; raw: all_to_all_single "
+        "of the same bytes per peer, each hop")
+    say(f"{'route':>12} {'dtype':>5} | {'dispatch ms':>11} {'GB/s':>6} {'raw ms':>7} {'GB/s':>6} | "
+        f"{'combine ms':>10} {'GB/s':>6} {'raw ms':>7} {'GB/s':>6}")
+    for hierarchical in (False, True) if nodes > 1 else (False,):
+        for fp8_on in (False, True):
+            d = comm.AllToAllDispatcher(grid, experts, hierarchical=hierarchical, fp8=fp8_on)
+            t, t_raw, sent = _bench_ep_route(d, h, idx, g, timer, device)
+            say(f"{'hierarchical' if hierarchical else 'flat':>12} {'FP8' if fp8_on else 'BF16':>5} | "
+                + " | ".join(f"{t[i] * 1e3:>{11 - i}.2f} {sent[i] / t[i] / 1e9:>6.1f} {t_raw[i] * 1e3:>7.2f} "
+                             f"{sent[i] / t_raw[i] / 1e9:>6.1f}" for i in (0, 1)))
+    _bench_ep_overlap(grid, tokens, dim, topk, experts, moe_inter, limited, device, timer, say)
+    _bench_ep_channels(grid, comm.FlatRoute(grid, idx, experts // world, comm.Traffic()).hop, dim, channels,
+                       device, timer, say)
+    dist.destroy_process_group()
+
+
+def _bench_ep_route(d, h, idx, g, timer, device):
+    """(dispatch, combine) seconds, the same for raw all-to-alls of the same bytes, and the bytes sent."""
+    with torch.no_grad():
+        d.traffic.reset()
+        x, _, handle = d.dispatch(h, idx, g)
+        y = x.to(torch.bfloat16)
+        d.combine(y, handle)
+        b = d.traffic.bytes
+        t = [timer(lambda: d.dispatch(h, idx, g)), timer(lambda: d.combine(y, handle))]
+    D, K = h.shape[1], idx.shape[1]
+    x_bytes = D + D // 32 if d.fp8 else 2 * D  # a row towards the experts: FP8 with a scale per 128, or BF16
+    r = handle.route
+    hops = [(r.hop1, x_bytes + 8 * K), (r.hop2, x_bytes + 4)] if d.hierarchical else [(r.hop, x_bytes)]  # + idx, g
+    back = [(hop, 2 * D) for hop, _ in hops]  # BF16 rows back
+    t_raw = [timer(_raw_a2a(hops, False, device)), timer(_raw_a2a(back, True, device))]
+    return t, t_raw, [b["dispatch_intra"] + b["dispatch_inter"], b["combine_intra"] + b["combine_inter"]]
+
+
+def _ep_routing(tokens, experts, topk, nodes, limited, device):
+    """Uniformly random top-k experts per token, among the experts of `limited` random nodes."""
+    scores = torch.rand(tokens, experts, device=device)
+    if nodes > 1:
+        kept = torch.rand(tokens, nodes, device=device).topk(limited, -1).indices  # (N, M)
+        allowed = torch.zeros(tokens, nodes, dtype=torch.bool, device=device).scatter_(1, kept, True)
+        scores = scores.masked_fill(~allowed.repeat_interleave(experts // nodes, 1), -1.0)
+    return scores.topk(topk, -1).indices  # (N, K)
+
+
+def _ep_time(f, iters, cuda):
+    """Seconds per call of f, the slowest rank's (in an all-to-all every rank waits for the slowest)."""
+    import torch.distributed as dist
+    f()
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        f()
+    if cuda:
+        torch.cuda.synchronize()
+    t = torch.tensor([(time.perf_counter() - t0) / iters], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _raw_a2a(hops, reverse, device, group=None):
+    """all_to_all_single of uint8 rows with each hop's split sizes (reverse: the way back), row_bytes
+    per row: what the dispatcher's hops move, without its sorting, packing and count exchange."""
+    import torch.distributed as dist
+    calls = []
+    for hop, row_bytes in hops:
+        ins, outs = (hop.recv_splits, hop.send_splits) if reverse else (hop.send_splits, hop.recv_splits)
+        src = torch.empty(sum(ins), row_bytes, dtype=torch.uint8, device=device)
+        dst = torch.empty(sum(outs), row_bytes, dtype=torch.uint8, device=device)
+        if group or hop.group is not None:
+            calls.append((dst, src, outs, ins, group or hop.group))
+    return lambda: [dist.all_to_all_single(*c[:4], group=c[4]) for c in calls]
+
+
+def _bench_ep_overlap(grid, tokens, dim, topk, experts, moe_inter, limited, device, timer, say):
+    """A MoE layer (one shared expert, BF16 autocast on the GPU) forward and forward+backward, with
+    the routed rows in flight while the shared expert computes, and with the transfer waited for first."""
+    from contextlib import nullcontext
+
+    import comm
+    import model
+    import moe
+    nodes = grid.layout.nodes_per_ep
+    args = model.ModelArgs(dim=dim, inter_dim=moe_inter, moe_inter_dim=moe_inter, n_routed_experts=experts,
+                           n_shared_experts=1, n_activated_experts=topk, n_expert_groups=nodes,
+                           n_limited_groups=limited, route_scale=2.5)
+    with torch.device("meta"):  # all E experts would not fit: shard first, then allocate this rank's
+        layer = comm.shard_experts(moe.MoE(args), grid)
+    layer.to_empty(device=device)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(std=0.02) if p.dim() >= 2 else p.fill_(1.0)
+        layer.gate.bias.zero_()
+        layer.load.zero_()
+    x = torch.randn(1, tokens, dim, device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def forward():
+        with autocast:
+            return layer(x)
+    say(f"\n-- MoE layer: {experts // grid.layout.ep} experts of {moe_inter} per rank + 1 shared, "
+        f"{'BF16 autocast' if device.type == 'cuda' else 'FP32'} (ms)")
+    for overlap in (False, True):
+        layer.dispatcher.overlap = overlap
+        t_f = timer(forward)
+        t_fb = timer(lambda: forward().backward(dy))
+        say(f"{'shared experts during the transfer' if overlap else 'transfer, then shared experts':>36}: "
+            f"forward {t_f * 1e3:8.2f}, forward+backward {t_fb * 1e3:8.2f}")
+
+
+def _bench_ep_channels(grid, hop, dim, channels, device, timer, say):
+    """The flat BF16 dispatch's all_to_all_single on a fresh communicator per channel cap: NCCL takes
+    a cap per communicator (ProcessGroupNCCL.Options().config.min_ctas = max_ctas = N; NCCL's
+    environment variables are read once per process, which is why comm.init sets them up front)."""
+    import torch.distributed as dist
+    nccl = dist.get_backend() == "nccl"
+    values = [int(v) for v in str(channels).split(",") if v]
+    cap = "capped at N CTAs (SMs)" if nccl else "gloo has no channels: uncapped"
+    say(f"\n-- the flat BF16 dispatch's all_to_all_single on a fresh communicator per N, {cap}")
+    sent = sum(n for n, link in zip(hop.send_splits, grid.links("ep")) if link != "self") * dim * 2
+    for n in values:
+        opts = None
+        if nccl:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts.config.min_ctas = opts.config.max_ctas = n
+        group = dist.new_group(list(range(grid.layout.world)), pg_options=opts)
+        t = timer(_raw_a2a([(hop, dim * 2)], False, device, group=group))
+        say(f"N = {n:>3}: {t * 1e3:8.2f} ms, {sent / t / 1e9:7.1f} GB/s")
+
+
+def _bench_ep_local(tokens, dim, topk, experts, iters, cuda):
+    """One process: the dispatcher's gather / pack / sort (dispatch) and un-sort / sum (combine)
+    without any communication, against the device copy bandwidth (bytes read + written)."""
+    import comm
+    device = torch.device("cuda" if cuda else "cpu")
+    _header(f"ep, one process ({device.type}): the permutations alone, {tokens} tokens x {dim}, top-{topk} of {experts}")
+
+    def ms(f):
+        f()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            f()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / iters
+    src = torch.randn(tokens * topk, dim, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.nbytes / ms(lambda: dst.copy_(src))
+    print(f"device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    idx = torch.rand(tokens, experts, device=device).topk(topk, -1).indices
+    h = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16)
+    g = torch.rand(tokens, topk, device=device)
+    for fp8_on in (False, True):
+        d = comm.AllToAllDispatcher(comm.Grid.single(), experts, fp8=fp8_on)
+        with torch.no_grad():
+            x, _, handle = d.dispatch(h, idx, g)
+            y = x.to(torch.bfloat16)
+            t_d, t_c = ms(lambda: d.dispatch(h, idx, g)), ms(lambda: d.combine(y, handle))
+        rows = tokens * topk  # each row written once and read once; towards the experts FP8 or BF16, back BF16
+        moved = [2 * rows * (dim + dim // 32 if fp8_on else 2 * dim), 2 * rows * 2 * dim]
+        print(f"{'FP8' if fp8_on else 'BF16':>4} dispatch {t_d * 1e3:7.2f} ms ({moved[0] / t_d / 1e9:5.0f} GB/s, "
+              f"{moved[0] / t_d / copy_bw:4.0%} of copy) | combine {t_c * 1e3:7.2f} ms "
+              f"({moved[1] / t_c / 1e9:5.0f} GB/s, {moved[1] / t_c / copy_bw:4.0%} of copy)")
+
+
+SECTIONS = {"fp8": bench_fp8, "memory": bench_memory, "step": bench_step, "ep": bench_ep}
 GPU_ONLY = {"memory", "step"}
 
 if __name__ == "__main__":
