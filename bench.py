@@ -21,6 +21,10 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
                             shared-expert overlap; the all-to-all capped at --channels=4,8,16,24,32 CTAs
                             (a fresh communicator per cap); on one process the permutations alone against
                             the device copy. Runs under gloo on the CPU too (small flags, e.g. --dim=256)
+    torchrun --nproc_per_node=4 bench.py pipeline [--preset=nano --batch_size=2 --seq_len=64 --chunks=8]
+                            DualPipe against 1F1B (dualpipe.py): per-stage F, B, W times, step times, each
+                            rank's idle time against simulate()'s; on one process one stage's F, B, W and
+                            the bubbles simulate() predicts from them at PP 4 and 8 (CPU or GPU)
 
 Timings are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs), except
 `step`, which averages 5 steps between two CUDA events.
@@ -274,6 +278,172 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
+def bench_pipeline(preset="nano", batch_size=2, seq_len=64, chunks=0, steps=3, overlap=0, **overrides):
+    """DualPipe against 1F1B (dualpipe.py). Under torchrun with PP processes (gloo on the CPU, NCCL on
+    GPUs): each stage's F, B, W chunk times, both schedules' step times at the same micro-batch count
+    (chunks, default 2 PP), and each rank's idle time measured against simulate()'s from the measured
+    op times. On one process: one stage's F, B, W times, and simulate()'s bubbles at PP 4 and 8 from them.
+    Other --key=value set ModelArgs fields (--n_layers=8)."""
+    import os
+    from contextlib import nullcontext
+
+    import torch.distributed as dist
+
+    import dualpipe
+    import model
+    if overlap:
+        sys.exit("bench.py pipeline --overlap: the overlapped F&B pair is phase 2b of issue 10, not written yet; "
+                 "without --overlap the pairs run as F then B")
+    args = model.preset(preset, max_seq_len=max(seq_len, model.PRESETS[preset].get("max_seq_len", 0)), **overrides)
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return _bench_one_stage(args, batch_size, seq_len, chunks, cuda)
+    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    # NCCL refuses two ranks on one GPU (GPU.md): gloo then, its point-to-point staged through the CPU
+    dist.init_process_group("nccl" if cuda and world <= torch.cuda.device_count() else "gloo")
+    C = chunks or 2 * world
+    g = torch.Generator().manual_seed(0)                 # the same batch on every rank
+    tokens = torch.randint(0, args.vocab_size, (C * batch_size, seq_len + 1), generator=g)
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
+    results = {}
+    for kind in ("dualpipe", "1f1b"):
+        pipe = dualpipe.Pipeline(args, kind, device=device)
+        for i in range(steps + 1):                      # the first step warms up, untimed
+            pipe.timed, pipe.times = i > 0, []
+            with autocast:
+                pipe.step(tokens[:, :-1], tokens[:, 1:], C)
+            for p in pipe.parameters():
+                p.grad = None
+            for m in pipe.moe_layers():
+                m.load.zero_()
+            if i > 0:
+                results.setdefault(kind, []).append(_pipeline_times(pipe, C))
+        del pipe
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        _header(f"pipeline: {preset}, PP={world} ({dist.get_backend()}, {device.type}), {C} micro-batches of "
+                f"{batch_size} x {seq_len}, {steps} timed steps, pairs as F then B")
+        _print_pipeline(gathered, world, C)
+    dist.destroy_process_group()
+
+
+def _pipeline_times(pipe, C):
+    """One timed step of a Pipeline: its wall time, its compute time, and each op's time by (kind, stage);
+    kind "Bi" is a zero-bubble B (input gradient only), "FB" an F&B pair run as F then B."""
+    plan, deferred = pipe.plans[C]
+    records = iter(pipe.times)
+    ops, busy = {}, 0.0
+    for step in (s for s, _, _ in plan if s):
+        spans = [next(records) for _ in step]
+        busy += sum(t1 - t0 for _, t0, t1 in spans)
+        for (kind, d, c), t0, t1 in spans:
+            kind = "Bi" if kind == "B" and (d, c) in deferred else kind
+            ops.setdefault((kind, pipe.stages[d].index), []).append(t1 - t0)
+        if len(step) == 2:
+            ops.setdefault(("FB", pipe.stages[step[0][1]].index), []).append(sum(t1 - t0 for _, t0, t1 in spans))
+    (_, t0, t1), = records
+    return dict(wall=t1 - t0, busy=busy, ops=ops)
+
+
+def _print_pipeline(gathered, pp, C):
+    import statistics
+
+    import dualpipe
+    med = statistics.median
+    ms = lambda t: f"{t * 1e3:8.2f}" if t == t else f"{'-':>8}"  # noqa: E731
+
+    def op(kind, ranks, schedule_kind="dualpipe", stage=None):
+        ts = [t for r in ranks for step in gathered[r][schedule_kind] for (k, s), v in step["ops"].items()
+              if k == kind and stage in (None, s) for t in v]
+        return med(ts) if ts else float("nan")
+    print("\n-- per-chunk op times by stage (ms, median; B: the whole backward, Bi: the zero-bubble B, input "
+          "gradient only, W: its deferred weight gradient; F&B: a pair run as F then B)")
+    print(f"{'stage':>5} {'F':>8} {'B':>8} {'Bi':>8} {'W':>8} {'F&B':>8}")
+    for s in range(pp):
+        print(f"{s:>5} " + " ".join(ms(op(k, range(pp), stage=s)) for k in ("F", "B", "Bi", "W", "FB")))
+    F, B, W = op("F", range(pp)), op("B", range(pp)), op("W", range(pp))
+    W = 0.0 if W != W else W
+    times = {"F": F, "B": B - W, "W": W, "F&B": F + B}   # B - W: a whole backward costs what it measured
+    print(f"median over the stages: F {F * 1e3:.2f}, B {B * 1e3:.2f} (split: Bi {op('Bi', range(pp)) * 1e3:.2f} + W "
+          f"{W * 1e3:.2f}); simulate() gets F, B - W, W and F&B = F + B, every stage alike")
+    print("\n-- idle time per rank and step time (ms, median): measured, and simulated from the median times")
+    sims = {"dualpipe": dualpipe.simulate(dualpipe.schedule(pp, C), times),
+            "1f1b": dualpipe.simulate(dualpipe.schedule_1f1b(pp, C), times)}
+    print(f"{'rank':>5} " + " ".join(f"{k + ' ' + w:>16}" for k in sims for w in ("measured", "simulated")))
+    idle = {k: [med(s["wall"] - s["busy"] for s in gathered[r][k]) for r in range(pp)] for k in sims}
+    for r in range(pp):
+        print(f"{r:>5} " + " ".join(f"{ms(idle[k][r]):>16} {ms(sims[k].idle[r]):>16}" for k in sims))
+    print(f"{'bubble':>5} " + " ".join(f"{ms(max(idle[k])):>16} {ms(sims[k].bubble):>16}" for k in sims))
+    walls = {k: med(med(s["wall"] for s in gathered[r][k]) for r in range(pp)) for k in sims}
+    print(f"{'step':>5} " + " ".join(f"{ms(walls[k]):>16} {ms(sims[k].makespan):>16}" for k in sims))
+    print(f"dualpipe / 1f1b step time: measured {walls['dualpipe'] / walls['1f1b']:.2f}, simulated "
+          f"{sims['dualpipe'].makespan / sims['1f1b'].makespan:.2f}")
+
+
+def _bench_one_stage(args, batch_size, seq_len, chunks, cuda):
+    """One stage (the second of four) on one process: F, B, the split B and W, and the bubbles simulate()
+    predicts from them."""
+    import statistics
+
+    import dualpipe
+    device = torch.device("cuda" if cuda else "cpu")
+    num_stages = min(4, args.n_layers)
+    stage = dualpipe.Stage(args, min(1, num_stages - 1), num_stages).to(device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    h0 = torch.randn(batch_size, seq_len, args.dim, device=device)
+    grad = torch.randn_like(h0)
+
+    def forward():
+        h = h0.clone().requires_grad_()
+        with autocast:
+            out, parts = stage(h)
+        roots = [(t, g) for t, g in ((out, grad), (parts["balance"], torch.ones_like(parts["balance"])))
+                 if t.requires_grad]
+        return h, [t for t, _ in roots], [g for _, g in roots]
+
+    def clock():
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+    _header(f"pipeline, one process: stage {stage.index} of {num_stages} ({len(stage.layers)} block(s)) of "
+            f"{args.n_layers}-layer model, batch {batch_size} x {seq_len}, {device.type}")
+    times = {k: [] for k in ("F", "B", "Bi", "W")}
+    for i in range(6):                                  # the first round warms up, untimed
+        t0 = clock()
+        h, roots, grads = forward()
+        t1 = clock()
+        torch.autograd.backward(roots, grads)
+        t2 = clock()
+        stage.zero_grad(set_to_none=True)
+        h, roots, grads = forward()
+        t3 = clock()
+        _, W = dualpipe.backward_input(roots, grads, [h])
+        t4 = clock()
+        W()
+        t5 = clock()
+        stage.zero_grad(set_to_none=True)
+        if i:
+            for k, t in zip(times, (t1 - t0, t2 - t1, t4 - t3, t5 - t4)):
+                times[k].append(t)
+    t = {k: statistics.median(v) for k, v in times.items()}
+    print(f"F {t['F'] * 1e3:.2f} ms, B {t['B'] * 1e3:.2f} ms (whole backward), split: Bi {t['Bi'] * 1e3:.2f} "
+          f"ms (input gradient) + W {t['W'] * 1e3:.2f} ms (weights)")
+    times = {"F": t["F"], "B": t["B"] - t["W"], "W": t["W"], "F&B": t["F"] + t["B"]}
+    print("simulate() with F, B - W, W and F&B = F + B (pairs not overlapped), stages all like this one:")
+    print(f"{'PP':>3} {'chunks':>6} | {'dualpipe bubble':>15} {'makespan':>9} | {'1f1b bubble':>11} "
+          f"{'makespan':>9} (ms)")
+    for pp in (4, 8):
+        C = chunks or 2 * pp
+        dual = dualpipe.simulate(dualpipe.schedule(pp, C), times)
+        base = dualpipe.simulate(dualpipe.schedule_1f1b(pp, C), times)
+        print(f"{pp:>3} {C:>6} | {dual.bubble * 1e3:>15.2f} {dual.makespan * 1e3:>9.2f} | {base.bubble * 1e3:>11.2f} "
+              f"{base.makespan * 1e3:>9.2f}")
+
+
 def bench_ep(tokens=4096, dim=7168, topk=8, experts=256, moe_inter=2048, limited=4, local_world=0, iters=10,
              channels="4,8,16,24,32"):
     """Expert-parallel dispatch and combine (comm.py), DeepSeek-V3's shapes by default. Under torchrun,
@@ -478,7 +648,7 @@ def _bench_ep_local(tokens, dim, topk, experts, iters, cuda):
               f"({moved[1] / t_c / 1e9:5.0f} GB/s, {moved[1] / t_c / copy_bw:4.0%} of copy)")
 
 
-SECTIONS = {"fp8": bench_fp8, "memory": bench_memory, "step": bench_step, "ep": bench_ep}
+SECTIONS = {"fp8": bench_fp8, "memory": bench_memory, "step": bench_step, "pipeline": bench_pipeline, "ep": bench_ep}
 GPU_ONLY = {"memory", "step"}
 
 if __name__ == "__main__":

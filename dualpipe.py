@@ -1,6 +1,7 @@
 """
 DualPipe, DeepSeek-V3's bidirectional pipeline schedule (technical report arXiv 2412.19437, section 3.2.1,
-figure 5, table 2), as data, with a simulator and 1F1B beside it as the baseline.
+figure 5, table 2), as data, with a simulator and 1F1B beside it as the baseline; and the executor that
+runs either schedule with the model cut into stages (3.2.1, 3.2.3).
 
     schedule(PP, C)         DualPipe: each rank's ordered steps, in the eight phases of DeepSeek's
                             public DualPipe.step() (github.com/deepseek-ai/DualPipe), special cases included
@@ -8,6 +9,15 @@ figure 5, table 2), as data, with a simulator and 1F1B beside it as the baseline
     simulate(steps, times)  start and end of every op, each rank's busy and idle time, makespan, bubble
     table2_bubble(...)      the paper's table 2 bubbles, to hold the simulator against
     python dualpipe.py 4 10 prints both timelines and their bubbles
+
+    stage_layers(args, PP)  blocks per stage: balanced, the last stage lighter by its head and MTP
+    Stage                   one stage of model.Transformer: its own blocks only, under the Transformer's
+                            parameter names; the first holds the embedding, the last the final norm, the
+                            output head, the MTP modules and an embedding for MTP's shifted tokens
+    backward_input          B and W: the backward split in two over autograd's graph (zero bubble)
+    ticks, comm_plan        the executor's clock, and the messages each tick ends with
+    Pipeline                one rank's stages, and step(): one optimizer step's forward and backward
+                            under schedule() or schedule_1f1b(), no optimizer inside
 
 The data. Micro-batches enter from both ends: direction 0 flows from rank 0 to rank PP-1, direction 1
 from rank PP-1 to rank 0, C/2 micro-batches ("chunks") each. Rank i holds stage i of direction 0 and
@@ -62,13 +72,57 @@ With p2p > 0 every cross-rank dependency waits p2p more, and the bubbles of both
 (no formula is claimed there: in the paper the overlapped pair hides these transfers, and the
 simulator does not model that).
 
-Later phases of the issue (not here yet; see the marked section at the end): the stages, the executor
-that runs these steps with real modules, and the overlapped F&B step itself.
+The stages. The Transformer is cut into PP stages of whole blocks (stage_layers: a block counts 1, the
+last stage's head and MTP modules their share of activated weights, 3.6 blocks for nano, so nano splits
+3 + 1 at PP=2 and 1 + 1 + 1 + 1 at PP=4). A Stage builds only its own layers, and names them as the
+Transformer does ("layers.3.attn.w_dq.weight": an nn.ModuleDict keyed by the layer index), so the
+stages' state dicts merged are the Transformer's and checkpoints need no renaming. The last stage needs
+the token embeddings too: MTP module k combines h^{k-1}_i with Emb(t_{i+k}) (eq. 21). Under DualPipe
+the end ranks hold the first stage of one direction and the last of the other, so, as in 3.2.3, the
+embedding, the output head and MTP sit on one rank, and its two stages share one embedding Parameter.
+Under 1F1B the last rank holds its own copy, tied: step() adds the two copies' gradients, and equal
+optimizer steps keep the copies equal.
+
+The executor. Pipeline(args, "dualpipe" | "1f1b", group) holds rank r's stages: stage r of direction 0
+and, for DualPipe, stage PP-1-r of direction 1. step(inputs, targets, C, lam) runs one optimizer step's
+C micro-batches (DualPipe: the first half enter as direction 0 at rank 0, the second half as
+direction 1 at rank PP-1; only the end ranks read tokens and targets):
+    the clock   ticks(): every step lasts one tick and starts as early as its inputs allow; at the end
+                of each tick the neighbours exchange what it produced (activations forward along a
+                direction, input gradients backward), both ends of a message in the same tick's
+                dist.batch_isend_irecv, so no batch waits for one posted later (comm_plan)
+    F           the stage's blocks; on the last stage the losses, main + lam * MTP + balance as
+                Transformer.forward computes them; the sequence-wise balance loss of each MoE layer is
+                computed, and backpropagated, on the stage that holds the layer
+    B           backward of [stage output, its balance loss] with [received gradient, 1/C] (the loss
+                with 1/C on the last stage), so the micro-batches' gradients sum to the mean loss's,
+                as grad accumulation over C micro-batches gives; a B with a W later computes only the
+                input gradient (backward_input) and queues the weights' part, which W pops, oldest first
+    after       each stage's gradients and router loads summed over its two copies (ranks r and PP-1-r
+                send each other theirs), so update_bias() sees the whole batch; the losses all-reduced
+Simplified: an F&B pair runs as F then B (phase 2b overlaps the two, MoE blocks cut into attention /
+dispatch / experts / combine, communication on its own stream); a step waits for each tick's messages;
+sent activations are kept, not freed; with args.recompute a deferred B computes the weights too (PyTorch
+lets a selectively recomputed region backward once), so W is empty there.
 """
 
+import functools
+import math
 import sys
+import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+import model
+from model import Block, MTPModule, fp32_or_wider, precompute_rope
+from moe import MoE
 
 KINDS = ("F", "B", "W")
 
@@ -313,14 +367,526 @@ def format_timeline(steps, timeline, unit=1.0, width=4):
 
 
 # -----------------------------------------------------------------------------
-# Later phases of issue 10, not written yet:
-#   stages    the Transformer cut into PP stages of whole blocks, each building only its own layers and
-#             keeping the unsplit parameter names; the end ranks hold embedding, head and MTP (3.2.3).
-#   executor  runs schedule()'s steps with real modules: the two stage copies per rank, batched
-#             dist.batch_isend_irecv sends and receives, a store of weight-gradient closures that W pops,
-#             losses where each direction ends, each stage's gradients summed over its two copies.
-#   overlap   the F&B pair itself: MoE blocks cut into attention / dispatch / experts / combine, one
-#             micro-batch's backward interleaved with the other's forward, communication on its own stream.
+# Stages: the Transformer cut into PP pieces of whole blocks
+
+def stage_layers(args, num_stages):
+    """Blocks per stage: contiguous, at least one each. A block costs 1; the last stage also runs the
+    output head and the MTP modules, `tail` blocks' worth of activated weights (the head is vocab x dim,
+    an MTP module a block, its projection M_k and the head once more: 3.6 blocks for nano, 4.3 for V3),
+    so it takes the number of blocks that brings its cost nearest the average, at least one. The other
+    stages share the rest evenly, the first ones taking the remainder (the first stage's embedding is
+    a lookup, no GEMM). The costs count GEMM weights only: attention's T^2 part and the softmax over the
+    vocabulary are left out."""
+    L, S = args.n_layers, num_stages
+    if not isinstance(S, int) or not 1 <= S <= L:
+        raise ValueError(f"{S!r} pipeline stages need at least one block each, and n_layers={L}")
+    if S == 1:
+        return [L]
+    n = model.count_params(args)
+    block = (n["activated"] - n["output_head"]) / L
+    tail = ((1 + args.n_mtp) * n["output_head"] + args.n_mtp * 2 * args.dim ** 2) / block + args.n_mtp
+    last = min(max(1, math.floor((L + tail) / S - tail + 0.5)), L - (S - 1))
+    q, r = divmod(L - last, S - 1)
+    return [q + (i < r) for i in range(S - 1)] + [last]
+
+
+class Stage(nn.Module):
+    """Stage `index` of `num_stages` of model.Transformer: its own blocks only (memory shrinks with PP),
+    and
+        the first stage: the embedding
+        the last stage:  the final norm, the output head, the MTP modules, and an embedding too, for the
+                         MTP modules' shifted tokens (eq. 21 embeds t_{i+k})
+    under the Transformer's parameter names ("layers.3.attn.w_dq.weight", "mtp.0.proj.weight"), so the
+    stages' state dicts merged are the Transformer's. split: blocks per stage (stage_layers() by default).
+    embed: an nn.Embedding to hold instead of a new one, how two stages on one rank share it (3.2.3)."""
+
+    def __init__(self, args, index, num_stages, split=None, embed=None):
+        super().__init__()
+        split = list(split or stage_layers(args, num_stages))
+        if len(split) != num_stages or sum(split) != args.n_layers or min(split) < 1:
+            raise ValueError(f"split {split} must give each of {num_stages} stages at least one block, "
+                             f"n_layers={args.n_layers} in all")
+        if not 0 <= index < num_stages:
+            raise ValueError(f"stage index {index} is not in 0..{num_stages - 1}")
+        self.args, self.index = args, index
+        self.first, self.last = index == 0, index == num_stages - 1
+        if self.first or (self.last and args.n_mtp):
+            self.embed = embed if embed is not None else nn.Embedding(args.vocab_size, args.dim)
+        start = sum(split[:index])
+        # keyed by the layer index, a ModuleDict names the parameters as the Transformer's ModuleList does
+        self.layers = nn.ModuleDict({str(i): Block(i, args) for i in range(start, start + split[index])})
+        if self.last:
+            self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+            self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
+            self.mtp = nn.ModuleList(MTPModule(args.n_layers + k, args) for k in range(args.n_mtp))
+        cos, sin = precompute_rope(args)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed=0):
+        """Transformer.init_weights' distributions (matrices N(0, init_std), norms 1, biases b 0), each
+        tensor drawn from a generator seeded by its name: every copy of a stage, on any rank, in any
+        split, starts from the same weights."""
+        for name, p in self.named_parameters():
+            g = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            if p.dim() >= 2:
+                p.normal_(0.0, self.args.init_std, generator=g)
+            else:
+                p.fill_(1.0)
+        for moe in self.moe_layers():
+            moe.gate.bias.zero_()
+
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def forward(self, h, tokens=None, targets=None, lam=None):
+        """h: (B, T, D), the hidden state entering this stage's first block (embed(tokens) on the first
+        stage). Returns the hidden state leaving the stage and its parts: balance, the sequence-wise
+        balance loss (eq. 17) summed over the MoE layers that ran here; on the last stage given targets
+        (and tokens, for MTP) also main, mtp and loss = main + lam * mtp + balance, the lines of
+        Transformer.forward (the tests hold the two equal)."""
+        T = h.shape[1]
+        cos, sin = self.cos[:T], self.sin[:T]
+        x, blocks = h, list(self.layers.values())
+        for layer in blocks:
+            h = layer(h, cos, sin)
+        parts = {}
+        if self.last and targets is not None:
+            main = F.cross_entropy(fp32_or_wider(self.head(self.norm(h))).flatten(0, 1), targets.flatten(),
+                                   ignore_index=-1)
+            emb = x if self.first else self.embed(tokens)  # (B, T, D); one stage: its input is the embedding
+            mtp, h_k = [], h
+            for k, module in enumerate(self.mtp, start=1):
+                h_k = module(h_k[:, :-1], emb[:, k:], cos[:T - k], sin[:T - k])  # (B, T-k, D)
+                logits_k = self.head(module.norm(h_k))
+                mtp.append(F.cross_entropy(fp32_or_wider(logits_k).flatten(0, 1), targets[:, k:].flatten(),
+                                           ignore_index=-1))
+                blocks.append(module.block)
+            parts.update(main=main, mtp=torch.stack(mtp).mean() if mtp else main.new_zeros(()))
+        parts["balance"] = sum((b.ffn.balance_loss for b in blocks if isinstance(b.ffn, MoE)), h.new_zeros(()))
+        if "main" in parts:
+            lam = self.args.mtp_lambda if lam is None else lam
+            parts["loss"] = parts["main"] + lam * parts["mtp"] + parts["balance"]
+        return h, parts
+
+
+# -----------------------------------------------------------------------------
+# B and W: the backward split in two (zero bubble, 3.2.1)
+
+def backward_input(outputs, grads, inputs):
+    """B: the gradients of sum_i <outputs_i, grads_i> with respect to `inputs` alone; and W, a function
+    that later adds to the parameters' .grad what a full backward would have added.
+
+    Autograd's graph under the outputs has two parts. The nodes with a path to an input carry the
+    activation gradients, and torch.autograd.grad(..., inputs) runs only those; of a node that also
+    feeds a parameter (an mm whose other operand is a weight, a norm's gain) it computes only the input
+    side. A pre-hook on each such node keeps the gradient arriving there. W feeds it into the node
+    again with the parameters below that node as `inputs`, and autograd then runs only the weight side:
+    the dW GEMM and whatever lies between it and the parameter (a transpose, a cast). B keeps the graph
+    (retain_graph) for W; it is freed once W and the outputs are dropped. Assumed: no parameter is used
+    twice in series (reached again below another use, it would be counted twice); a stage uses each
+    weight once, or in parallel branches (the head for the main and the MTP logits)."""
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+    input_nodes = {get_gradient_edge(x).node for x in inputs}
+    on_path = _leading_to([o.grad_fn for o, _ in pairs], input_nodes)
+    captured, handles, jobs = {}, [], []
+    stop = on_path | input_nodes
+    for node in on_path:
+        weight_side = [m for m, _ in node.next_functions if m is not None and m not in stop]
+        if weight_side:
+            handles.append(node.register_prehook(functools.partial(captured.__setitem__, node)))
+            jobs.append((node, _leaves(weight_side)))
+    dx = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], retain_graph=True)
+    for handle in handles:
+        handle.remove()
+    # Whole subgraphs of weights only: an output that does not depend on the inputs, and what lies
+    # below an input that is not a leaf (the embedding under its output, on the first stage).
+    whole = [(o, g) for o, g in pairs if o.grad_fn not in on_path]
+    whole += [(x, g) for x, g in zip(inputs, dx) if x.grad_fn is not None]
+
+    def W():
+        for node, params in jobs:
+            edges = [(GradientEdge(node, i), g) for i, g in enumerate(captured.get(node, ())) if g is not None]
+            if edges:
+                torch.autograd.backward([e for e, _ in edges], [g for _, g in edges], inputs=params,
+                                        retain_graph=True)
+        for t, g in whole:
+            torch.autograd.backward(t, g, inputs=_leaves([t.grad_fn]), retain_graph=True)
+    return dx, W
+
+
+def _leading_to(roots, targets):
+    """The nodes under roots with a path to one of targets (targets excluded); iterative, for deep graphs."""
+    leads, stack = {}, list(roots)
+    while stack:
+        node = stack[-1]
+        if node in leads:
+            stack.pop()
+            continue
+        children = [m for m, _ in node.next_functions if m is not None and m not in targets]
+        pending = [m for m in children if m not in leads]
+        if pending:
+            stack += pending
+            continue
+        stack.pop()
+        leads[node] = any(m in targets for m, _ in node.next_functions) or any(leads[m] for m in children)
+    return {node for node, ok in leads.items() if ok}
+
+
+def _leaves(nodes):
+    """The tensors (parameters) whose gradient accumulators lie under nodes."""
+    seen, stack, out = set(), list(nodes), []
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            if hasattr(node, "variable"):           # an AccumulateGrad node
+                out.append(node.variable)
+            stack += [m for m, _ in node.next_functions if m is not None]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The executor: a clock, the messages of each tick, and the steps run with real stages
+
+def ticks(steps):
+    """The executor's clock: rank r runs its step k at tick ticks(steps)[r][k], one tick per step, as
+    early as its previous step and every input from another rank (produced at an earlier tick) allow."""
+    num_ranks = len(steps)
+    at, tick_of, pos, free = [[] for _ in steps], {}, [0] * num_ranks, [0] * num_ranks
+    progress = True
+    while progress:
+        progress = False
+        for r in range(num_ranks):
+            while pos[r] < len(steps[r]):
+                needs = [n for a in steps[r][pos[r]] for n in _needs(r, a, num_ranks)]
+                if any(n not in tick_of for n in needs):
+                    break
+                t = max([free[r]] + [tick_of[n] + 1 for n in needs])
+                tick_of.update({(r, *a): t for a in steps[r][pos[r]]})
+                at[r].append(t)
+                free[r], pos[r], progress = t + 1, pos[r] + 1, True
+    if any(pos[r] < len(steps[r]) for r in range(num_ranks)):
+        raise Deadlock("deadlock: " + "; ".join(_waiting(r, steps[r][pos[r]], num_ranks, tick_of)
+                                                for r in range(num_ranks) if pos[r] < len(steps[r])))
+    return at
+
+
+def _sends(rank, action, num_ranks):
+    """Where an action's output goes, [(rank, message)]: an F's activation to the next stage of its
+    direction, a B's input gradient to the previous one. A message is named by the action making it."""
+    kind, d, c = action
+    stage = rank if d == 0 else num_ranks - 1 - rank
+    ahead = 1 if d == 0 else -1
+    if kind == "F" and stage < num_ranks - 1:
+        return [(rank + ahead, action)]
+    if kind == "B" and stage > 0:
+        return [(rank - ahead, action)]
+    return []
+
+
+def comm_plan(steps, rank):
+    """What `rank` does at each tick of ticks(steps): [step or None, sends, receives], the last two lists
+    of (peer, message). At the end of every tick each rank sends what its step made for a neighbour and
+    receives what the neighbours' steps made for it, all in one batch_isend_irecv. Both ends of a message
+    post it in the same tick's batch, so every batch can complete once the ranks reach that tick (no
+    deadlock, by induction over the ticks), and a pair's messages are posted in one order on both sides
+    (point-to-point pairs sends and receives in order; NCCL has no tags)."""
+    num_ranks, at = len(steps), ticks(steps)
+    plan = [[None, [], []] for _ in range(1 + max(t for rank_ticks in at for t in rank_ticks))]
+    for r, rank_steps in enumerate(steps):
+        for step, t in zip(rank_steps, at[r]):
+            if r == rank:
+                plan[t][0] = step
+            for peer, msg in (m for a in step for m in _sends(r, a, num_ranks)):
+                if r == rank:
+                    plan[t][1].append((peer, msg))
+                elif peer == rank:
+                    plan[t][2].append((r, msg))
+    return plan
+
+
+class Pipeline:
+    """One rank's part of the pipeline-parallel model, and the executor that runs `schedule` over it.
+
+    schedule="dualpipe": the rank holds stage r of direction 0 and stage PP-1-r of direction 1 (see
+    schedule()); on the end ranks these are the first and the last stage, which share one embedding
+    Parameter there (3.2.3: embedding, output head and MTP on one rank). "1f1b": stage r alone; its last
+    stage keeps its own copy of the embedding for MTP, tied to the first stage's: step() sums the two
+    copies' gradients, so identical optimizer steps keep the weights equal.
+    group: the pipeline's process group (default: every rank), group rank r holding stage r.
+    split: blocks per stage (stage_layers() by default). Weights: init_weights(seed) per parameter name,
+    or load_state_dict() of a Transformer state dict. No optimizer here; see step() for what it leaves.
+    """
+
+    def __init__(self, args, schedule="dualpipe", group=None, device="cpu", dtype=None, split=None, seed=0,
+                 overlap=False):
+        if schedule not in ("dualpipe", "1f1b"):
+            raise ValueError(f"schedule must be 'dualpipe' or '1f1b', got {schedule!r}")
+        if overlap:  # phase 2b: MoE blocks cut into attention / dispatch / experts / combine pieces
+            raise NotImplementedError("overlapped F&B pairs are not written yet (issue 10, phase 2b); "
+                                      "the pairs run as F then B (overlap=False)")
+        self.args, self.dualpipe, self.group = args, schedule == "dualpipe", group
+        self.device = torch.device(device)
+        distributed = dist.is_initialized()
+        self.rank = dist.get_rank(group) if distributed else 0
+        self.num_ranks = dist.get_world_size(group) if distributed else 1
+        self.backend = dist.get_backend(group) if distributed else None
+        r, pp = self.rank, self.num_ranks
+        if self.dualpipe:
+            _check_sizes(pp, 2 * pp)
+        indices = [r, pp - 1 - r] if self.dualpipe else [r]
+        first = Stage(args, indices[0], pp, split)
+        self.stages = [first] + [Stage(args, i, pp, split, getattr(first, "embed", None)) for i in indices[1:]]
+        self.init_weights(seed)
+        for stage in self.stages:
+            stage.to(self.device, dtype)
+        self.dtype = next(first.parameters()).dtype     # of the hidden states and their gradients
+        self.ranks = dist.get_process_group_ranks(group or dist.group.WORLD) if distributed else [0]
+        self._owned = {k for k in first.state_dict() if first.first or not k.startswith("embed.")}
+        self.plans = {}                     # num_chunks -> (this rank's comm_plan, its deferred Bs)
+        self.timed, self.times = False, []  # timed=True: step() records (action, start, end) in times
+
+    # -- the rank's parameters, under the Transformer's names
+
+    def named_parameters(self):
+        """(Transformer name, parameter) of this rank's stages in stage order, a shared one once."""
+        out = {}
+        for stage in sorted(self.stages, key=lambda s: s.index):
+            for name, p in stage.named_parameters():
+                out.setdefault(name, p)
+        return iter(out.items())
+
+    def parameters(self):
+        return (p for _, p in self.named_parameters())
+
+    def moe_layers(self):
+        return [m for stage in sorted(self.stages, key=lambda s: s.index) for m in stage.moe_layers()]
+
+    def state_dict(self, owned=False):
+        """This rank's entries of the Transformer's state dict (the ranks' dicts merged are the whole
+        Transformer's, every copy of an entry equal); owned=True: only those this rank owns (owns())."""
+        return {k: v for stage in self.stages for k, v in stage.state_dict().items() if not owned or self.owns(k)}
+
+    def load_state_dict(self, state_dict):
+        """Each stage takes its own entries of a Transformer state dict; a missing one is an error."""
+        for stage in self.stages:
+            stage.load_state_dict({k: state_dict[k] for k in stage.state_dict() if k in state_dict}, strict=True)
+
+    def init_weights(self, seed=0):
+        for stage in self.stages:
+            stage.init_weights(seed)
+
+    @property
+    def needs_data(self):
+        """Whether step() reads the tokens and targets here: on the ranks holding a first or last stage."""
+        return any(s.first or s.last for s in self.stages)
+
+    def owns(self, name):
+        """Whether this rank owns Transformer entry `name`, each owned by one rank of the pipeline (for
+        checkpoints written once, and the gradient norm): rank r owns its stage r (direction 0), the
+        embedding only where that stage is the first."""
+        return name in self._owned
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm):
+        """torch.nn.utils.clip_grad_norm_ over the whole model: the global norm, every parameter counted
+        once, all-reduced over the pipeline; every gradient of the rank (copies too) scaled alike."""
+        grads = [p.grad for name, p in self.stages[0].named_parameters() if self.owns(name) and p.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in grads] or [torch.zeros((), device=self.device)])
+        total = norms.double().square().sum()
+        if self.num_ranks > 1:
+            dist.all_reduce(total, group=self.group)
+        total = total.sqrt().to(norms.dtype)
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([p.grad for p in self.parameters() if p.grad is not None], coef)
+        return total
+
+    # -- one optimizer step's forward and backward
+
+    def step(self, inputs, targets=None, num_chunks=None, lam=None):
+        """Forward and backward of one optimizer step's batch, in num_chunks micro-batches run by the
+        schedule. inputs, targets: (num_chunks * b, T) token ids, or lists of num_chunks (b, T)
+        micro-batches; read only where needs_data (the end ranks); the other ranks pass anything with
+        the inputs' shape (the batch itself, or just the torch.Size), targets None. DualPipe feeds
+        micro-batches 0 .. C/2-1 to direction 0 and C/2 .. C-1 to direction 1; 1F1B all to direction 0.
+
+        Leaves in .grad, on every copy of every parameter, the gradient of the mean over micro-batches
+        of loss = main + lam * mtp + balance, what one process accumulating the same micro-batches
+        computes (train.py's loss / grad_accum), the copies' gradients summed; and in each MoE layer's
+        `load` the whole batch's counts (copies summed), so update_bias(pipeline.moe_layers(), gamma,
+        dp_all_reduce) follows as with one process. Every .grad must be None before (zero_grad(
+        set_to_none=True)): the copies' sum would count an earlier gradient twice. Returns loss, main,
+        mtp and balance averaged over the micro-batches, as train.py logs them, the same on every rank."""
+        micro_x, micro_y, shape = self._micro_batches(inputs, targets, num_chunks)
+        C = len(micro_x)
+        if any(p.grad is not None for p in self.parameters()):
+            raise RuntimeError("step() needs every .grad None (optimizer.zero_grad(set_to_none=True)): it sums "
+                               "the stage copies' gradients, and would count an earlier gradient twice")
+        plan, deferred = self._plan(C)
+        run = _Run(micro_x, micro_y, C, self.args.mtp_lambda if lam is None else lam, deferred, self.device)
+        message = (*shape, self.args.dim)     # every message: an activation or its gradient, (b, T, D)
+        t_start = self._clock()
+        for actions, sends, receives in plan:
+            for action in actions or ():
+                t0 = self._clock()
+                getattr(self, "_" + action[0])(run, *action[1:])
+                if self.timed:
+                    self.times.append((action, t0, self._clock()))
+            if sends or receives:
+                got = self._p2p([(self._outgoing(run, msg, message), peer) for peer, msg in sends],
+                                [(peer, message, self.dtype) for peer, _ in receives])
+                run.inbox.update(zip((msg for _, msg in receives), got))
+        if self.timed:
+            self.times.append((("step",), t_start, self._clock()))
+        assert not (run.saved or run.weight_grads or run.made or run.inbox), "the schedule left work undone"
+        self._sum_copies()
+        sums = run.sums / C
+        if self.num_ranks > 1:
+            dist.all_reduce(sums, group=self.group)
+        main, mtp, balance = sums.unbind()
+        return dict(loss=main + run.lam * mtp + balance, main=main, mtp=mtp, balance=balance)
+
+    def _micro_batches(self, inputs, targets, num_chunks):
+        """Micro-batch lists of inputs and targets (None where not read) and the micro-batch shape (b, T)."""
+        if isinstance(inputs, list):
+            num_chunks = len(inputs)
+        if not isinstance(num_chunks, int) or num_chunks < 1:
+            raise ValueError(f"num_chunks must be a positive integer (or inputs a list), got {num_chunks!r}")
+        if isinstance(inputs, torch.Size):
+            if self.needs_data:
+                raise ValueError("this rank holds a first or last stage: step() needs the tokens, not a shape")
+            if len(inputs) != 2 or inputs[0] % num_chunks:
+                raise ValueError(f"a batch of shape {tuple(inputs)} does not split into {num_chunks} micro-batches")
+            return [None] * num_chunks, [None] * num_chunks, (inputs[0] // num_chunks, inputs[1])
+        xs = inputs if isinstance(inputs, list) else list(inputs.tensor_split(num_chunks))
+        if len({x.shape for x in xs}) != 1 or xs[0].dim() != 2 or xs[0].numel() == 0:
+            raise ValueError(f"the batch must split into {num_chunks} micro-batches (b, T) of one shape, got "
+                             f"{[tuple(x.shape) for x in xs]}")
+        shape, last = tuple(xs[0].shape), any(s.last for s in self.stages)
+        if not self.needs_data:
+            return [None] * num_chunks, [None] * num_chunks, shape
+        if last and targets is None:
+            raise ValueError("this rank holds the last stage: step() needs the targets")
+        ys = [None] * num_chunks
+        if last:
+            ys = targets if isinstance(targets, list) else list(targets.tensor_split(num_chunks))
+        return [x.to(self.device) for x in xs], [y if y is None else y.to(self.device) for y in ys], shape
+
+    def _plan(self, C):
+        if C not in self.plans:
+            steps = (schedule if self.dualpipe else schedule_1f1b)(self.num_ranks, C)
+            self.plans[C] = comm_plan(steps, self.rank), {a[1:] for s in steps[self.rank] for a in s if a[0] == "W"}
+        return self.plans[C]
+
+    def _micro(self, run, d, c):
+        """The micro-batch index of chunk c of direction d."""
+        return c + d * run.C // 2 if self.dualpipe else c
+
+    def _F(self, run, d, c):
+        stage, m = self.stages[d], self._micro(run, d, c)
+        h = stage.embed(run.x[m]) if stage.first else run.inbox.pop(("F", d, c)).requires_grad_()
+        out, parts = stage(h, run.x[m], run.y[m], run.lam)
+        if stage.last:
+            roots = [parts["loss"]]
+            run.sums[0] += parts["main"].detach()
+            run.sums[1] += parts["mtp"].detach()
+        else:
+            roots = [out, parts["balance"]]  # the balance loss of this stage's MoE layers backward here
+            run.made[("F", d, c)] = out.detach()
+        run.sums[2] += parts["balance"].detach()
+        run.saved[(d, c)] = (h, roots)
+
+    def _B(self, run, d, c):
+        stage = self.stages[d]
+        h, roots = run.saved.pop((d, c))
+        # 1/C on the loss (and on the balance loss of a stage before the last): the mean over micro-batches
+        if stage.last:
+            grads = [torch.full_like(roots[0], 1 / run.C)]
+        else:
+            grads = [run.inbox.pop(("B", d, c)), torch.full_like(roots[1], 1 / run.C)]
+        pairs = [(t, g) for t, g in zip(roots, grads) if t.requires_grad]
+        # Zero bubble: the input gradient now, the weights' at this chunk's W. Not under recompute: PyTorch
+        # lets a selectively checkpointed region backward once, and the split needs two passes, so B
+        # computes the weights' gradients too and the W finds nothing left to do.
+        if (d, c) in run.deferred and not self.args.recompute:
+            (dx,), weight_grad = backward_input([t for t, _ in pairs], [g for _, g in pairs], [h])
+        else:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+            dx = None if stage.first else h.grad  # h: the received activation, a leaf, past the first stage
+            weight_grad = lambda: None  # noqa: E731
+        if (d, c) in run.deferred:
+            run.weight_grads.append(((d, c), weight_grad))
+        if not stage.first:
+            run.made[("B", d, c)] = dx
+
+    def _outgoing(self, run, msg, shape):
+        t = run.made.pop(msg)
+        if t.shape != shape or t.dtype != self.dtype:   # the receiver has allocated shape and dtype
+            raise RuntimeError(f"{label(msg)} sends a {tuple(t.shape)} {t.dtype} tensor, the receiver expects "
+                               f"{shape} {self.dtype}")
+        return t
+
+    def _W(self, run, d, c):
+        chunk, weight_grad = run.weight_grads.popleft()  # the oldest deferred B, as the simulator has it
+        assert chunk == (d, c), f"W of {d},{c} finds {chunk} first in the queue"
+        weight_grad()
+
+    def _p2p(self, sends, receives):
+        """One batch_isend_irecv of sends [(tensor, peer)] and receives [(peer, shape, dtype)], peers as
+        ranks of the pipeline's group; waits for all of them and returns the received tensors."""
+        # gloo's point-to-point takes no CUDA tensors ("Bad address", GPU.md): stage them through the CPU,
+        # which lets the CUDA path run with several ranks on one GPU
+        via_cpu = self.backend == "gloo" and self.device.type == "cuda"
+        ops, bufs = [], []
+        for t, r in sends:
+            t = t.detach().cpu() if via_cpu else t.detach().contiguous()
+            ops.append(dist.P2POp(dist.isend, t, self.ranks[r], self.group))
+        for r, shape, dtype in receives:
+            bufs.append(torch.empty(shape, dtype=dtype, device="cpu" if via_cpu else self.device))
+            ops.append(dist.P2POp(dist.irecv, bufs[-1], self.ranks[r], self.group))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        return [b.to(self.device) for b in bufs]
+
+    def _sum_copies(self):
+        """Each parameter's gradient and each MoE layer's load summed over the copies of its stage.
+        DualPipe: ranks r and PP-1-r hold the same two stages, so each adds the other's; 1F1B: only the
+        embedding has two copies, on the first rank and, for MTP, the last."""
+        peer = self.num_ranks - 1 - self.rank
+        if self.dualpipe:
+            params, loads = list(self.parameters()), [m.load for m in self.moe_layers()]
+        elif self.num_ranks > 1 and self.args.n_mtp and self.rank in (0, self.num_ranks - 1):
+            params, loads = [self.stages[0].embed.weight], []
+        else:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        tensors = [p.grad for p in params] + loads
+        for dtype in sorted({t.dtype for t in tensors}, key=str):   # one message per dtype
+            same = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in same])
+            (other,) = self._p2p([(flat, peer)], [(peer, flat.shape, dtype)])
+            flat += other                                      # a + b here, b + a there: equal bits
+            for t, new in zip(same, flat.split([t.numel() for t in same])):
+                t.copy_(new.view_as(t))
+
+    def _clock(self):
+        if self.timed and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+class _Run:
+    """What one step() carries between its actions."""
+
+    def __init__(self, x, y, C, lam, deferred, device):
+        self.x, self.y, self.C, self.lam, self.deferred = x, y, C, lam, deferred
+        self.inbox, self.made, self.saved = {}, {}, {}   # received, to send, kept for B: by message / chunk
+        self.weight_grads = deque()                       # ((direction, chunk), W) of the deferred Bs
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # main, mtp, balance, summed here
 
 
 def _parse(argv):

@@ -280,3 +280,295 @@ def test_command_line_bad_argument_prints_the_message_not_a_traceback():
                           (["4"], "usage: python dualpipe.py PP num_chunks")]:
         run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+
+
+# -----------------------------------------------------------------------------
+# Stages, the B/W split, the executor's clock and messages (one process), the executor under torchrun
+
+import os
+import random
+
+import torch
+
+import model
+from dualpipe import Pipeline, Stage, backward_input, comm_plan, stage_layers, ticks
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(vocab_size=61, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=4, n_dense_layers=1, n_heads=2,
+            q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+            n_activated_experts=2, n_expert_groups=2, n_limited_groups=1, n_mtp=1, max_seq_len=32, init_std=0.1)
+
+
+def tiny(**overrides):
+    return model.ModelArgs(**{**TINY, **overrides})
+
+
+def fresh_tokens(n, T=9, vocab=61):
+    g = torch.Generator().manual_seed(random.randrange(2 ** 31))
+    tokens = torch.randint(0, vocab, (n, T), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def stages_of(args, num_stages, state_dict):
+    stages = [Stage(args, i, num_stages).double() for i in range(num_stages)]
+    for stage in stages:   # strict: each stage takes exactly its own keys
+        stage.load_state_dict({k: v for k, v in state_dict.items() if k in stage.state_dict()}, strict=True)
+    return stages
+
+
+def test_stage_layers_balance_the_last_stages_head_and_mtp():
+    assert stage_layers(model.preset("nano"), 2) == [3, 1]          # the head and MTP weigh 3.6 blocks
+    assert stage_layers(model.preset("nano"), 4) == [1, 1, 1, 1]
+    assert stage_layers(model.preset("v3"), 16) == [4] * 15 + [1]
+    assert stage_layers(tiny(n_layers=5), 2) == [3, 2] and stage_layers(tiny(n_layers=5), 4) == [2, 1, 1, 1]
+    assert stage_layers(tiny(n_layers=8, n_mtp=0), 4) == [2, 2, 2, 2] and stage_layers(tiny(), 1) == [4]
+    with pytest.raises(ValueError, match="5 pipeline stages need at least one block each, and n_layers=4"):
+        stage_layers(tiny(), 5)
+    with pytest.raises(ValueError, match="split"):
+        Stage(tiny(), 0, 2, split=[4, 0])
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 4])
+def test_stages_hold_only_their_blocks_under_the_transformers_names(num_stages):
+    args = tiny()
+    ref = model.Transformer(args).double()
+    stages = stages_of(args, num_stages, ref.state_dict())
+    keys = [set(s.state_dict()) for s in stages]
+    assert set().union(*keys) == set(ref.state_dict())
+    assert all(not (a & b) - {"embed.weight"} for i, a in enumerate(keys) for b in keys[i + 1:])  # only embed twice
+    split = stage_layers(args, num_stages)
+    for i, stage in enumerate(stages):
+        assert list(stage.layers) == [str(n) for n in range(sum(split[:i]), sum(split[:i + 1]))]
+        assert hasattr(stage, "embed") == (i in (0, num_stages - 1))
+        assert hasattr(stage, "head") == hasattr(stage, "mtp") == (i == num_stages - 1)
+        if num_stages > 1:
+            assert sum(p.numel() for p in stage.parameters()) < sum(p.numel() for p in ref.parameters())
+    assert not hasattr(Stage(tiny(n_mtp=0), 1, 2), "embed")                 # no MTP: the last stage needs none
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 4])
+def test_stages_in_a_chain_compute_the_transformers_losses(num_stages):
+    args = tiny()
+    ref = model.Transformer(args).double()
+    stages = stages_of(args, num_stages, ref.state_dict())
+    x, y = fresh_tokens(3)
+    h, balance = stages[0].embed(x), 0.0
+    for stage in stages:
+        h, parts = stage(h, x, y, lam=0.25)
+        balance = balance + parts["balance"]
+    _, want = ref(x, y, lam=0.25)
+    assert balance.item() == pytest.approx(want["balance"].item(), rel=1e-14) and balance > 0  # another sum order
+    for k in ("main", "mtp"):
+        assert parts[k].item() == want[k].item()
+    torch.testing.assert_close(parts["loss"] - parts["balance"] + balance, want["loss"], rtol=1e-15, atol=0)
+
+
+def test_init_weights_depend_on_the_name_only():
+    args = tiny(init_std=0.02)
+    a, b = Stage(args, 0, 1), Stage(args, 2, 4)
+    a.init_weights(seed=5)
+    b.init_weights(seed=5)
+    own = dict(a.named_parameters())
+    for name, p in b.named_parameters():
+        assert torch.equal(p, own[name]), name
+    w = a.layers["2"].ffn.experts.w1
+    assert abs(w.std().item() - 0.02) < 0.002 and torch.equal(a.norm.weight, torch.ones(args.dim))
+    other = Stage(args, 0, 1)
+    other.init_weights(seed=6)
+    assert not torch.equal(other.layers["2"].ffn.experts.w1, w)
+
+
+def split_vs_full(stage, make_roots):
+    """A full backward's input and weight gradients, then B (backward_input) and W separately."""
+    h, roots, grads = make_roots()
+    full_dx, = torch.autograd.grad(roots, [h], grads, retain_graph=True)
+    torch.autograd.backward(roots, grads)
+    full = {n: p.grad.clone() for n, p in stage.named_parameters()}
+    stage.zero_grad(set_to_none=True)
+    h, roots, grads = make_roots()
+    (dx,), W = backward_input(roots, grads, [h])
+    untouched = all(p.grad is None for p in stage.parameters())
+    W()
+    return full_dx, dx, full, {n: p.grad for n, p in stage.named_parameters()}, untouched
+
+
+@pytest.mark.parametrize("index, num_stages", [(0, 4), (1, 4), (3, 4), (0, 1)])
+def test_backward_input_leaves_the_weights_to_W_and_together_they_are_the_backward(index, num_stages):
+    args = tiny()
+    stage = stages_of(args, num_stages, model.Transformer(args).double().state_dict())[index]
+    x, y = fresh_tokens(2)
+    h0 = torch.randn(2, 8, args.dim, dtype=torch.float64)
+
+    def make_roots():
+        h = stage.embed(x) if stage.first else h0.clone().requires_grad_()
+        out, parts = stage(h, x, y)
+        if stage.last:
+            return h, [parts["loss"]], [torch.tensor(0.25, dtype=torch.float64)]
+        pairs = [(out, torch.ones_like(out)), (parts["balance"], torch.tensor(0.5, dtype=torch.float64))]
+        return h, [t for t, _ in pairs if t.requires_grad], [g for t, g in pairs if t.requires_grad]
+    full_dx, dx, full, split, untouched = split_vs_full(stage, make_roots)
+    assert untouched                                    # B computed no weight gradient
+    torch.testing.assert_close(dx, full_dx, rtol=1e-13, atol=1e-15)
+    assert full.keys() == split.keys()
+    for name, g in full.items():
+        torch.testing.assert_close(split[name], g, rtol=1e-13, atol=1e-15, msg=name)
+
+
+def test_W_runs_only_the_weight_side_of_the_graph():
+    """A linear layer's W is its one dW GEMM: backward_input's B runs the input side alone."""
+    w = torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, dtype=torch.float64)
+    y = x @ w.T
+    with torch.autograd.profiler.profile() as prof_b:
+        (dx,), W = backward_input([y], [g], [x])
+    with torch.autograd.profiler.profile() as prof_w:
+        W()
+    assert torch.equal(dx, g @ w) and torch.allclose(w.grad, g.T @ x)
+    mms = lambda prof: sum(e.name == "aten::mm" for e in prof.function_events)  # noqa: E731
+    assert mms(prof_b) == mms(prof_w) == 1
+
+
+SCHEDULES = [(name, make, pp, c) for pp in (2, 4, 6, 8) for c in (2 * pp, 3 * pp + (pp % 2 == 1), 4 * pp + 2)
+             for name, make in (("dualpipe", schedule), ("1f1b", schedule_1f1b))]
+
+
+@pytest.mark.parametrize("name, make, pp, c", SCHEDULES)
+def test_comm_plan_posts_both_ends_of_every_message_in_one_tick(name, make, pp, c):
+    steps = make(pp, c)
+    plans = [comm_plan(steps, r) for r in range(pp)]
+    at = ticks(steps)
+    for r, plan in enumerate(plans):
+        assert [s for s, _, _ in plan if s] == steps[r]               # its steps in order, one per tick
+        assert [t for t, (s, _, _) in enumerate(plan) if s] == at[r]
+    sent = Counter()
+    for t in range(len(plans[0])):
+        for a in range(pp):
+            for b in range(pp):
+                a_to_b = [m for peer, m in plans[a][t][1] if peer == b]
+                assert a_to_b == [m for peer, m in plans[b][t][2] if peer == a]   # same tick, same order
+                assert not a_to_b or abs(a - b) == 1
+                sent.update((a, m) for m in a_to_b)
+    consumers = {}
+    for r, plan in enumerate(plans):
+        for t, (step, _, receives) in enumerate(plan):
+            for peer, msg in receives:
+                consumers[msg, r] = t
+    assert all(n == 1 for n in sent.values())
+    for r, plan in enumerate(plans):      # every input arrives before its use, a step as early as they allow
+        previous = -1
+        for t, (step, _, _) in enumerate(plan):
+            if step:
+                arrivals = [consumers[n[1:], r] for a in step for n in dualpipe._needs(r, a, pp) if n[0] != r]
+                assert all(t_in < t for t_in in arrivals)
+                assert t == previous + 1 or t - 1 in arrivals
+                previous = t
+
+
+def test_pipeline_on_one_process_is_grad_accumulation():
+    """1F1B with one stage (no torch.distributed): the executor's step is one process's grad accumulation."""
+    args = tiny()
+    ref = model.Transformer(args).double()
+    pipe = Pipeline(args, "1f1b", dtype=torch.float64)
+    pipe.load_state_dict(ref.state_dict())
+    assert {n for n, _ in pipe.named_parameters()} == {n for n, _ in ref.named_parameters()}
+    x, y = fresh_tokens(6)
+    losses = pipe.step(list(x.tensor_split(3)), list(y.tensor_split(3)), lam=0.3)
+    want = torch.zeros(4, dtype=torch.float64)
+    for xm, ym in zip(x.tensor_split(3), y.tensor_split(3)):
+        _, parts = ref(xm, ym, lam=0.3)
+        (parts["loss"] / 3).backward()
+        want += torch.stack([parts[k].detach() for k in ("loss", "main", "mtp", "balance")]) / 3
+    torch.testing.assert_close(torch.stack([losses[k] for k in ("loss", "main", "mtp", "balance")]), want,
+                               rtol=1e-14, atol=0)
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    for name, p in pipe.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-13, atol=1e-16, msg=name)
+    for a, b in zip(pipe.moe_layers(), ref.moe_layers()):
+        assert torch.equal(a.load, b.load)   # K per token: 6 x 8 of them, 6 x 7 in the MTP module
+        assert a.load.sum() in (6 * 8 * args.n_activated_experts, 6 * 7 * args.n_activated_experts)
+    with pytest.raises(RuntimeError, match="every .grad None"):
+        pipe.step(x, y, 3)
+
+
+def test_pipeline_refuses_what_it_cannot_run():
+    with pytest.raises(NotImplementedError, match="phase 2b"):
+        Pipeline(tiny(), overlap=True)
+    with pytest.raises(ValueError, match="schedule must be 'dualpipe' or '1f1b'"):
+        Pipeline(tiny(), "gpipe")
+    with pytest.raises(ValueError, match=r"num_ranks \(PP\) must be an even integer >= 2, got 1"):
+        Pipeline(tiny())                                            # DualPipe on one process
+    pipe = Pipeline(tiny(), "1f1b")
+    with pytest.raises(ValueError, match="needs the tokens, not a shape"):
+        pipe.step(torch.Size((4, 8)), None, 2)
+    with pytest.raises(ValueError, match="needs the targets"):
+        pipe.step(torch.zeros(4, 8, dtype=torch.long), None, 2)
+    with pytest.raises(ValueError, match="micro-batches"):
+        pipe.step(torch.zeros(5, 8, dtype=torch.long), torch.zeros(5, 8, dtype=torch.long), 2)
+
+
+def run_pipeline_worker(tmp_path, nproc):
+    seed = random.randrange(2 ** 31)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        str(ROOT / "tests" / "pipeline_worker.py"), str(tmp_path), str(seed)],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, f"seed {seed}: " + p.stderr[-3000:]
+    return seed, [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_pipeline_step_under_torchrun_is_the_single_process_step(tmp_path, pp):
+    """DualPipe and 1F1B on PP gloo processes against model.Transformer on one (float64, the same weights
+    and micro-batches as grad accumulation): losses, every copy's gradient, the gradient norm and the
+    clipped gradients, the router loads and the biases update_bias makes from them."""
+    seed, ranks = run_pipeline_worker(tmp_path, pp)
+    variants = [k for k in ranks[0] if k[1] != "single"]
+    assert variants == [("", "dualpipe"), ("", "1f1b")] + ([("recompute", "dualpipe")] if pp == 2 else [])
+    for variant, kind in variants:
+        want = ranks[0][(variant, "single")]
+        where = f"seed {seed}, {variant or 'plain'} {kind}"
+        seen = set()
+        for r, saved in enumerate(ranks):
+            got = saved[(variant, kind)]
+            assert got["stages"] == ([r, pp - 1 - r] if kind == "dualpipe" else [r])
+            for k, v in want["losses"].items():
+                assert got["losses"][k] == pytest.approx(v, rel=1e-13, abs=1e-15), (where, k)
+            for name, g in got["grads"].items():
+                torch.testing.assert_close(g, want["grads"][name], rtol=1e-12, atol=1e-15, msg=f"{where}: {name}")
+                torch.testing.assert_close(got["clipped"][name], want["clipped"][name], rtol=1e-12, atol=1e-15)
+                if kind == "dualpipe":                   # the two copies of a stage: the same bits
+                    assert torch.equal(g, ranks[pp - 1 - r][(variant, kind)]["grads"][name]), (where, name)
+            torch.testing.assert_close(got["norm"], want["norm"], rtol=1e-13, atol=0)
+            assert got["norm"] > 0.05                    # so clipping scaled the gradients
+            for name, load in got["loads"].items():
+                assert torch.equal(load, want["loads"][name]), (where, name)
+                assert torch.equal(got["biases"][name], want["biases"][name]), (where, name)
+            seen |= got["grads"].keys() | got["loads"].keys()
+            end = r in (0, pp - 1)
+            if kind == "dualpipe":                       # the end ranks' two stages share one embedding
+                assert got["embeds"] == 2 * end and got["shared_embed"] == end
+            else:                                        # 1F1B: the last stage's own, tied copy
+                assert got["embeds"] == end and not got["shared_embed"]
+            if pp > 2 or kind == "1f1b":
+                assert got["numel"] < want["numel"]
+        assert seen == want["grads"].keys() | want["loads"].keys()
+        assert any(b.abs().sum() > 0 for b in want["biases"].values())
+
+
+def bench(*args, nproc=1):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launcher, "bench.py", "pipeline", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_bench_pipeline_one_process_prints_the_simulated_bubbles():
+    p = bench("--seq_len=16", "--batch_size=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [line.split() for line in p.stdout.splitlines() if line.split()[:1] in (["4"], ["8"])]
+    assert [r[:2] for r in rows] == [["4", "8"], ["8", "16"]]
+    for r in rows:                                   # DualPipe's bubble and makespan below 1F1B's
+        dual_bubble, dual_span, base_bubble, base_span = float(r[3]), float(r[4]), float(r[6]), float(r[7])
+        assert 0 < dual_bubble < base_bubble and dual_span < base_span
+    p = bench("--overlap=1")
+    assert p.returncode == 1 and "phase 2b" in p.stderr and "Traceback" not in p.stderr
