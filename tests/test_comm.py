@@ -125,6 +125,25 @@ def test_bad_layouts_raise_one_message(kw, message):
         comm.Layout(**kw)
 
 
+def test_init_reads_torchrun_env_and_checks_before_any_process_group(monkeypatch):
+    for var in comm.NCCL_CHANNEL_VARS:  # recorded as absent, so that teardown removes what init sets
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(ValueError, match="ep=3 must divide dp = world/pp = 8"):
+        comm.init(pp=2, ep=3)
+    with pytest.raises(ValueError, match="ep=8 must divide n_routed_experts=12"):
+        comm.init(ep=8, n_experts=12)
+    assert not torch.distributed.is_initialized()  # refused before any process group was started
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var)
+    grid = comm.init(nccl_channels=20)  # plain python: one process, no process group
+    assert grid.layout.world == 1 and all(g is None for g in grid.groups.values())
+    assert all(os.environ[var] == "20" for var in comm.NCCL_CHANNEL_VARS)  # set before any communicator
+
+
 def test_node_limited_routing_needs_groups_inside_nodes():
     lay = comm.Layout(8, 2, ep=8)  # 4 nodes in the ep group
     comm.check_node_limited(model.ModelArgs(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2), lay)
