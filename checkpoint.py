@@ -88,8 +88,8 @@ def load_meta(path):
 
 def load(path, rows=None):
     """(meta, tensors): the checkpoint's meta dict and {kind: {name: tensor}} with split tensors joined.
-    rows(name) -> (start, stop) or None: only those rows of dim 0 of a split tensor (a rank that holds
-    some of the experts); None or no `rows` joins them all."""
+    rows(name) -> (start, stop) or None: only those rows of dim 0 of that tensor, split or whole (a
+    rank that holds some of the experts); None, or no `rows`, gives the whole tensor."""
     meta = _read_main(path)
     parts = [meta]
     for name in meta.get("parts", []):
@@ -105,8 +105,9 @@ def load(path, rows=None):
                 if name in part["slices"]:
                     start, stop = part["slices"][name]
                     pieces.setdefault((kind, name), []).append((start, stop, t))
-                else:
-                    tensors[kind][name] = t
+                else:  # stored whole (written by one rank), maybe read by a rank that holds some rows
+                    want = rows(name) if rows else None
+                    tensors[kind][name] = t[want[0]:want[1]] if want else t
     for (kind, name), found in pieces.items():
         tensors[kind][name] = _join(sorted(found, key=lambda p: p[0]), rows(name) if rows else None, name)
     return {k: v for k, v in meta.items() if k not in ("tensors", "slices")}, tensors

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as checkpoint_lib
+import comm
 import data as data_lib
 import model as model_lib
 from moe import update_bias
@@ -83,6 +84,10 @@ log_interval = 10           # steps between log lines (out_dir/log.jsonl)
 out_dir = "out"             # checkpoint, tokenizer and log of this run
 resume = False              # continue the run in out_dir from its checkpoint, with its settings
 stop_iter = 0               # if > 0, end this run at this iteration with a checkpoint (--resume continues)
+# parallelism, under torchrun (comm.py): data parallel over the processes, and within it
+ep = 1                      # expert parallelism: each MoE layer's routed experts split over this many ranks
+dispatch = "flat"           # expert-parallel all-to-all: flat | hierarchical (3.2.2: a node once, then NVLink)
+nccl_channels = 0           # cap on NCCL's channels (one thread block, i.e. one SM, each) per kernel; 0: NCCL's choice
 # system
 device = "auto"             # auto | cpu | cuda | cuda:N
 dtype = "auto"              # auto (bfloat16 autocast on the GPU, float32 on the CPU) | float32 | bfloat16
@@ -91,7 +96,7 @@ seed = 1337                 # weights and data order
 
 SETTINGS = {k: v for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (int, float, bool, str)}
 CHOICES = dict(compile=("auto", "true", "false"), dtype=("auto", "bfloat16", "float32"),
-               moments_dtype=("bfloat16", "float32"))
+               moments_dtype=("bfloat16", "float32"), dispatch=("flat", "hierarchical"))
 H200_BF16_FLOPS = 989e12    # dense BF16 datasheet rate, the denominator of MFU
 LOSS_NAMES = ("loss", "main", "mtp", "balance")
 
@@ -180,6 +185,7 @@ LIMITS = [("batch_size", lambda v: v >= 1, "at least 1"), ("seq_len", lambda v: 
           ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
           ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"), ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
           ("mtp_switch", lambda v: 0 <= v <= 1, "in [0, 1]"), ("gamma_switch", lambda v: 0 <= v <= 1, "in [0, 1]"),
+          ("ep", lambda v: v >= 1, "at least 1"), ("nccl_channels", lambda v: v >= 0, "0 (NCCL's choice) or more"),
           ("device", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N")]
 
 
@@ -192,7 +198,7 @@ def check_settings(c):
 # On --resume every setting comes from the checkpoint; these may be given anew (each change is printed).
 # Settings of the parallel layout join them as they come (comm.py, dualpipe.py).
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "dtype", "compile", "cache_dir",
-             "batch_size", "grad_accum"}
+             "batch_size", "grad_accum", "ep", "dispatch", "nccl_channels"}
 # Settings of one invocation, never taken from the checkpoint (out_dir is where it was found).
 PER_RUN = {"resume", "stop_iter", "out_dir"}
 
@@ -230,27 +236,28 @@ def resume_settings(c, given, model_overrides, ckpt, world):
 CONTROL = None  # a gloo group for the stop flag (any_rank): CPU messages that do not wait on the GPU
 
 
-def compute_init(c):
-    """(rank, world_size, device): torchrun sets RANK; plain python is one process."""
+def compute_init(c, args):
+    """(grid, device): the process grid of comm.py from torchrun's environment (WORLD_SIZE, RANK,
+    LOCAL_RANK, LOCAL_WORLD_SIZE; plain python is one process), a layout that does not fit refused."""
     global CONTROL
-    if "RANK" in os.environ:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available() and c.device in ("auto", "cuda"):
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-            CONTROL = dist.new_group(backend="gloo")
-        else:
-            if c.device.startswith("cuda"):
-                raise SystemExit(f"--device={c.device}: CUDA is not available here; use --device=cpu")
-            device = torch.device("cpu")
-            dist.init_process_group("gloo")
-        return rank, world, device
-    if c.device == "auto":
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world = int(os.environ.get("WORLD_SIZE", 1))
     if c.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device={c.device}: CUDA is not available here; use --device=cpu")
-    return 0, 1, torch.device(c.device)
+    cuda = torch.cuda.is_available() and c.device != "cpu"
+    if world > 1 and cuda:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    else:
+        device = torch.device(c.device if c.device != "auto" else "cuda" if cuda else "cpu")
+    try:
+        grid = comm.init(ep=c.ep, nccl_channels=c.nccl_channels or None, n_experts=args.n_routed_experts,
+                         backend="nccl" if cuda else "gloo")
+        if c.ep > 1:
+            comm.check_node_limited(args, grid.layout)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        CONTROL = dist.new_group(backend="gloo")
+    return grid, device
 
 
 def print0(*args, **kwargs):
@@ -480,7 +487,7 @@ def load_adam_moments(model, optimizer, tensors, step):
 
 
 @torch.no_grad()
-def evaluate(model, loader_factory, iters, autocast, device):
+def evaluate(model, loader_factory, iters, autocast, device, grid):
     """Mean main-model cross-entropy over `iters` batches drawn the same way every time."""
     model.eval()
     loader = loader_factory()
@@ -491,10 +498,8 @@ def evaluate(model, loader_factory, iters, autocast, device):
             _, losses = model(x, y)
         total += losses["main"].float()
     model.train()
-    if dist.is_initialized():
-        dist.all_reduce(total)
-        total /= dist.get_world_size()
-    return (total / iters).item()
+    grid.all_reduce(total, "dp")
+    return (total / grid.layout.dp / iters).item()
 
 
 def check_finite(losses, step):
@@ -587,10 +592,21 @@ def open_log(path, start):
     return open(path, "a")
 
 
+def checkpoint_share(model, ema, optimizer, grid):
+    """(tensors, slices): this rank's share of a checkpoint (checkpoint.py). A replicated tensor is
+    written by the first data-parallel rank, each slice of the routed experts by the first of the
+    ranks holding copies of it; the names are the single-process model's."""
+    slices = {n: (a, b) for n, (a, b, _) in comm.expert_slices(model, grid).items()} if grid.layout.ep > 1 else {}
+    everything = dict(model=model.state_dict(), ema=ema.state_dict(), **adam_moments(model, optimizer))
+    mine = lambda name: grid.edp_rank == 0 if name in slices else grid.dp_rank == 0  # noqa: E731
+    return {kind: {n: t for n, t in named.items() if mine(n)} for kind, named in everything.items()}, slices
+
+
 def main(argv=None):
     c, args, ckpt = configure(sys.argv[1:] if argv is None else argv)
-    rank, world, device = compute_init(c)
-    master = rank == 0
+    grid, device = compute_init(c, args)
+    world, dp = grid.layout.world, grid.layout.dp
+    master = grid.rank == 0
     torch.manual_seed(c.seed)  # the same initial weights on every rank
     use_bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -600,15 +616,19 @@ def main(argv=None):
     if c.warmup_iters >= c.max_iters:
         print0(f"note: warmup_iters={c.warmup_iters} is not shorter than max_iters={c.max_iters}: the learning "
                f"rate climbs for the whole run and never reaches lr={c.lr:g}")
-    info, args, train_loader, val_loader = prepare_data(c, args, rank, world, ckpt is None)
+    info, args, train_loader, val_loader = prepare_data(c, args, grid.dp_rank, dp, ckpt is None)
     ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
 
-    model = model_lib.Transformer(args).to(device)
+    model = model_lib.Transformer(args)
+    if c.ep > 1:  # this rank keeps its E/ep experts of each MoE layer, tokens travel by all-to-all
+        comm.shard_experts(model, grid, hierarchical=c.dispatch == "hierarchical")
+    model.to(device)
     compile_optimizer = c.compile == "true" or (c.compile == "auto" and device.type == "cuda")
     optimizer = make_optimizer(model, c, compiled=compile_optimizer)
     start = 0
-    if ckpt is not None:
-        _, tensors = checkpoint_lib.load(ckpt_path)
+    if ckpt is not None:  # written by any layout: this rank reads the rows of the experts it holds
+        slices = comm.expert_slices(model, grid) if c.ep > 1 else {}
+        _, tensors = checkpoint_lib.load(ckpt_path, rows=lambda name: slices[name][:2] if name in slices else None)
         model.load_state_dict(tensors["model"])
         start = ckpt["step"]
         load_adam_moments(model, optimizer, tensors, start)
@@ -632,26 +652,27 @@ def main(argv=None):
     # the H200 and gave nothing back, so auto leaves an FP8 model eager; --compile=true still compiles.
     compiled = compile_optimizer and not (args.fp8 and c.compile == "auto")
     train_model = torch.compile(model) if compiled else model
-    if dist.is_initialized():
-        # Buffers are not broadcast: every rank applies the same bias update from all-reduced loads.
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    all_reduce = (lambda t: dist.all_reduce(t)) if dist.is_initialized() else None
+    # Gradients: averaged over the data-parallel ranks after the last micro-batch, the experts' over
+    # the ranks holding copies of them (comm.py says why not DDP); loads summed before the bias update.
+    reduce_gradients = (lambda: comm.reduce_gradients(model, grid)) if world > 1 else (lambda: None)
+    clip = (lambda: comm.clip_grad_norm_(model, grid, c.grad_clip)) if world > 1 else \
+        (lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip))
+    all_reduce = grid.sum_over_dp if world > 1 else None
     flops_per_token = model_lib.flops_per_token(args, c.seq_len)
-    tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * world
+    tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * dp
     n = model_lib.count_params(args)
+    layout = f"{world} process(es)" + (f", expert parallel {c.ep} ({c.dispatch})" if c.ep > 1 else "")
     print0(f"model: {c.preset}, {n['total'] / 1e6:.1f}M parameters ({n['activated'] / 1e6:.1f}M activated, "
-           f"MTP {n['mtp'] / 1e6:.1f}M more), vocab {args.vocab_size}; {world} process(es) on {device.type}, "
+           f"MTP {n['mtp'] / 1e6:.1f}M more), vocab {args.vocab_size}; {layout} on {device.type}, "
            f"{'bf16 autocast' if use_bf16 else 'fp32'}{', compiled' if compiled else ''}; "
            f"{tokens_per_step:,} tokens per step")
 
     def checkpoint(step):
         meta = dict(model_args=asdict(args), step=step, data=train_loader.state_dict(), rng=dict(cpu=torch.get_rng_state()),
-                    config=vars(c), global_batch=c.batch_size * c.grad_accum * world,
+                    config=vars(c), global_batch=c.batch_size * c.grad_accum * dp,
                     tokenizer="gpt2" if info["tokenizer"] == "gpt2" else "tokenizer.tiktoken", eot=info["eot"])
-        # data parallel: every rank holds the same tensors, rank 0 writes them
-        tensors = dict(model=model.state_dict(), ema=ema.state_dict(), **adam_moments(model, optimizer)) if master else {}
-        checkpoint_lib.save(ckpt_path, meta, tensors, group=CONTROL)
+        tensors, slices = checkpoint_share(model, ema, optimizer, grid)
+        checkpoint_lib.save(ckpt_path, meta, tensors, slices, group=CONTROL)
 
     def train_step(step):
         """One optimizer step over grad_accum micro-batches; the losses averaged over them."""
@@ -663,14 +684,14 @@ def main(argv=None):
         losses = torch.zeros(len(LOSS_NAMES), device=device)
         for micro in range(c.grad_accum):
             x, y = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
-            last = micro == c.grad_accum - 1
-            with (nullcontext() if last or world == 1 else train_model.no_sync()), autocast:
+            with autocast:
                 # lambda as a tensor: torch.compile traces it instead of recompiling when the schedule moves it
                 _, parts = train_model(x, y, lam=torch.tensor(lam, device=device))
             (parts["loss"] / c.grad_accum).backward()
             losses += torch.stack([parts[k].detach().float() for k in LOSS_NAMES]) / c.grad_accum
         check_finite(losses, step + 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        reduce_gradients()
+        grad_norm = clip()
         ema.before_optimizer_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -685,23 +706,29 @@ def main(argv=None):
             log_file.flush()
 
     last_stop = c.stop_iter if 0 < c.stop_iter < c.max_iters else c.max_iters
-    t0, tokens_since, stopped = time.time(), 0, False
+    t0, steps_since, stopped = time.time(), 0, False
+    grid.traffic.reset()
     bar = tqdm(range(start, last_stop), initial=start, total=c.max_iters, disable=not master, dynamic_ncols=True)
     interrupt = Interrupt()
     try:
         for step in bar:
             losses, rec = train_step(step)
-            tokens_since += tokens_per_step
+            steps_since += 1
             stopped = any_rank(interrupt.signum)
             if (step + 1) % c.log_interval == 0 or step + 1 == last_stop or stopped:
-                if all_reduce is not None:
-                    all_reduce(losses)
-                    losses /= world
+                # per step, summed over the ranks: expert-parallel bytes that stayed in a node / crossed nodes
+                traffic = torch.tensor([grid.traffic.intra, grid.traffic.inter], dtype=torch.float64) / steps_since
+                if world > 1:
+                    grid.all_reduce(losses, "dp")
+                    losses /= dp
+                    dist.all_reduce(traffic, group=CONTROL)
                 loss, main, mtp, balance = losses.tolist()
-                tps = tokens_since / (time.time() - t0)
+                tps = steps_since * tokens_per_step / (time.time() - t0)
                 rec = dict(step=step + 1, loss=loss, main=main, mtp=mtp, balance=balance,
                            **rec, tokens_per_s=tps)
                 rec["grad_norm"] = rec["grad_norm"].item()
+                if c.ep > 1:
+                    rec["bytes_intra_node"], rec["bytes_inter_node"] = (int(b) for b in traffic.tolist())
                 if device.type == "cuda":
                     rec["mfu"] = tps * flops_per_token / world / H200_BF16_FLOPS
                     rec["memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -710,17 +737,19 @@ def main(argv=None):
                        f"{balance:.2e}), maxvio {rec['maxvio']:.3f}, lr {rec['lr']:.2e}, {tps:,.0f} tokens/s"
                        + (f", MFU {rec['mfu']:.1%}, {rec['memory_gb']:.1f} GB" if "mfu" in rec else ""))
                 log(rec)
-                t0, tokens_since = time.time(), 0
+                t0, steps_since = time.time(), 0
+                grid.traffic.reset()
             if not stopped and ((step + 1) % c.eval_interval == 0 or step + 1 == last_stop):
                 batches = c.eval_iters * c.grad_accum
-                val = evaluate(model, val_loader, batches, autocast, device)
+                val = evaluate(model, val_loader, batches, autocast, device, grid)
                 with ema.applied(model):
-                    val_ema = evaluate(model, val_loader, batches, autocast, device)
+                    val_ema = evaluate(model, val_loader, batches, autocast, device, grid)
                 print0(f"step {step + 1}: val loss {val:.4f}, EMA val loss {val_ema:.4f}")
                 log(dict(step=step + 1, val_loss=val, val_loss_ema=val_ema))
             if stopped or (step + 1) % c.eval_interval == 0 or step + 1 == last_stop:
                 checkpoint(step + 1)
-                t0, tokens_since = time.time(), 0  # evaluation and checkpoint time is not training time
+                t0, steps_since = time.time(), 0  # evaluation and checkpoint time is not training time
+                grid.traffic.reset()
             if stopped:
                 break
     finally:

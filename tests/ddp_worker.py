@@ -1,5 +1,6 @@
-"""Run under torchrun by test_ddp.py: one data-parallel step on 2 CPU processes (gloo), and on rank 0
-the same step in a single process over both ranks' batches. Saves both results for the test."""
+"""Run under torchrun by test_ddp.py: one data-parallel step on 2 CPU processes (gloo), reduced as
+train.py does (comm.reduce_gradients, loads summed before the bias update), and on rank 0 the same
+step in a single process over both ranks' batches. Saves both results for the test."""
 
 import copy
 import sys
@@ -7,11 +8,11 @@ import sys
 import torch
 import torch.distributed as dist
 
+import comm
 import model
 import moe
-import train
 
-dist.init_process_group("gloo")
+grid = comm.init(backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 args = model.ModelArgs(vocab_size=61, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=2, n_heads=2, q_lora_rank=16,
                        kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
@@ -22,19 +23,20 @@ single = copy.deepcopy(net)
 batches = [torch.randint(0, 61, (3, 17), generator=torch.Generator().manual_seed(100 + r)) for r in range(world)]
 
 
-def step(m, wrapped, tokens, all_reduce):
-    _, losses = wrapped(tokens[:, :-1], tokens[:, 1:])
+def step(m, tokens, all_reduce):
+    _, losses = m(tokens[:, :-1], tokens[:, 1:])
     losses["loss"].backward()
+    if all_reduce is not None:
+        comm.reduce_gradients(m, grid)
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     moe.update_bias(m.moe_layers(), gamma=0.01, all_reduce=all_reduce)
     return grads, {n: b.clone() for n, b in m.named_buffers() if n.endswith("gate.bias")}, losses["loss"].detach()
 
 
-ddp = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
-grads, biases, loss = step(net, ddp, batches[rank], lambda t: dist.all_reduce(t))
+grads, biases, loss = step(net, batches[rank], grid.sum_over_dp)
 dist.all_reduce(loss)
 if rank == 0:
-    ref_grads, ref_biases, ref_loss = step(single, single, torch.cat(batches), None)
+    ref_grads, ref_biases, ref_loss = step(single, torch.cat(batches), None)
     torch.save(dict(grads=grads, biases=biases, loss=loss / world, ref_grads=ref_grads, ref_biases=ref_biases,
                     ref_loss=ref_loss), sys.argv[1])
 dist.destroy_process_group()

@@ -33,6 +33,8 @@ def test_three_writers_read_back_by_one_process_and_by_rows(tmp_path):
     # a reader holding rows 1..4 (another layout: 2 ranks of 3 experts would ask for 0..3 and 3..6)
     _, some = checkpoint.load(path, rows=lambda name: (1, 4))
     assert torch.equal(some["model"]["experts.w1"], full[1:4])
+    _, ranks_of_one = checkpoint.load(path, rows=lambda name: (1, 4) if name == "experts.w1" else None)
+    assert torch.equal(ranks_of_one["model"]["dense.weight"], torch.ones(4))  # the others whole
     with pytest.raises(ValueError, match="has 6 rows; rows 4..8 were asked for"):
         checkpoint.load(path, rows=lambda name: (4, 8))
     os.remove(tmp_path / "ckpt.pt.step2.part2")
@@ -48,6 +50,8 @@ def test_one_writer_is_one_file(tmp_path):
     meta, tensors = checkpoint.load(path)
     assert meta == dict(model_args=dict(dim=2), step=7, parts=[])
     assert torch.equal(tensors["model"]["w"], w) and tensors["ema"] == {}
+    _, rows = checkpoint.load(path, rows=lambda name: (2, 4))  # a later layout that splits it
+    assert torch.equal(rows["model"]["w"], w[2:4])
     assert checkpoint.load_meta(path) == meta
 
 

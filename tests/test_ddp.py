@@ -1,5 +1,6 @@
 """Data parallelism: two torchrun processes give the gradients and router biases of one process
-that sees both of their batches (train.py's DDP setting: no buffer broadcast, loads all-reduced)."""
+that sees both of their batches (gradients averaged by comm.reduce_gradients, loads all-reduced),
+and train.py under torchrun resumes exactly and matches one process."""
 
 import json
 import os
