@@ -21,7 +21,8 @@ in there (fp8.py); the MoE layer takes a dispatcher (comm.py); `Block.forward` i
 feed-forward, and MoE.forward is gate -> dispatch -> experts -> combine, the pieces a pipeline
 schedule overlaps (dualpipe.py).
 
-Simplified against the paper: no tensor or expert parallelism yet; the attention core is PyTorch's
+Simplified against the paper: no tensor parallelism (neither has V3; expert parallelism is comm.py's,
+installed into a built model by comm.shard_experts); the attention core is PyTorch's
 scaled_dot_product_attention, so with recompute=True it is recomputed too (PyTorch does not expose
 its backward on its own); the residual stream stays FP32 under BF16 autocast.
 """

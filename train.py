@@ -4,9 +4,10 @@ Train a DeepSeek-V3-style model (arXiv 2412.19437) on one CPU, one GPU, or many 
     python train.py                                   # the nano preset on Shakespeare, CPU or GPU
     python train.py --preset=small --seq_len=2048     # one GPU
     torchrun --standalone --nproc_per_node=8 train.py --preset=small      # one node, data parallel
+    torchrun --standalone --nproc_per_node=8 train.py --preset=small --ep=8   # experts over the 8 GPUs
     # two nodes: run on each, with --node_rank=0 on the first and --node_rank=1 on the second
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \\
-        train.py --preset=small
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29500 \\
+        train.py --preset=small --ep=16 --dispatch=hierarchical --n_expert_groups=2 --n_limited_groups=1
 
 Every setting below can be overridden with --key=value, and so can every ModelArgs field of the
 preset (--n_layers=2, --dim=256, ...); --resume alone means --resume=True.
@@ -17,8 +18,10 @@ What the paper's training recipe contributes here:
     the auxiliary-loss-free bias update after each step, gamma on a schedule                 2.1.2, 4.2
     the MTP loss weight lambda on a schedule                                                 2.2, 4.2
     an exponential moving average of the weights kept in CPU memory, updated off the GPU     3.2.3
-Simplified: data parallelism only (expert and pipeline parallelism come with comm.py and
-dualpipe.py); warmup then cosine decay instead of the paper's constant-then-cosine schedule.
+    expert parallelism with all-to-all dispatch, node-limited routing (comm.py)              2.1.2, 3.2.2
+    checkpoints any layout can resume and one process can read (checkpoint.py)
+Simplified: warmup then cosine decay instead of the paper's constant-then-cosine schedule;
+optimizer state is not sharded (no ZeRO-1).
 """
 
 import difflib

@@ -171,3 +171,17 @@ def test_sample_from_a_hugging_face_folder_uses_its_tokenizer_json(tmp_path, cap
     sample.main([f"--ckpt={tmp_path}", "--prompt=ROMEO:", "--max_new_tokens=8", "--device=cpu", "--temperature=0"])
     out, err = capsys.readouterr()
     assert out.startswith("ROMEO:") and re.search(r"\d+ tokens in", err)
+
+
+def test_bad_parallel_layouts_stop_at_start_up(tmp_path):
+    for args, message in [(["--ep=2"], "ep=2 must divide dp = world/pp = 1"),
+                          (["--ep=0"], "--ep=0: expected at least 1"),
+                          (["--dispatch=tree"], "--dispatch=tree: expected one of flat, hierarchical")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            train.main(TINY + [f"--out_dir={tmp_path / 'out'}", *args])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *TINY, "--ep=4", f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "ep=4 must divide dp = world/pp = 2" in p.stderr
+    assert not (tmp_path / "out").exists()
