@@ -447,6 +447,8 @@ class Stage(nn.Module):
         (and tokens, for MTP) also main, mtp and loss = main + lam * mtp + balance, the lines of
         Transformer.forward (the tests hold the two equal)."""
         T = h.shape[1]
+        if T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.args.max_seq_len}")
         cos, sin = self.cos[:T], self.sin[:T]
         x, blocks = h, list(self.layers.values())
         for layer in blocks:

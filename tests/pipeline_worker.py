@@ -1,6 +1,8 @@
 """Run under torchrun by test_dualpipe.py: one training step of a pipeline on PP CPU processes (gloo),
 DualPipe and 1F1B, and on rank 0 the same step in one process (model.Transformer, the same micro-batches
-as grad accumulation). Every rank saves what the test compares: python pipeline_worker.py OUT_DIR SEED."""
+as grad accumulation). Every rank saves what the test compares:
+    python pipeline_worker.py OUT_DIR SEED [DEVICE]
+DEVICE cuda: both ranks compute on the GPU, gloo's point-to-point staged through the CPU."""
 
 import sys
 from datetime import timedelta
@@ -15,6 +17,7 @@ import moe
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))  # a hang fails the test, and soon
 rank, pp = dist.get_rank(), dist.get_world_size()
 out_dir, seed = sys.argv[1], int(sys.argv[2])
+device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cpu")
 # PP=2: 5 blocks split 3 + 2; PP=4: 4 blocks, one each, the first stage dense only (no balance loss)
 ARGS = dict(vocab_size=61, dim=32, inter_dim=48, moe_inter_dim=16, n_layers=5 if pp == 2 else 4, n_dense_layers=1,
             n_heads=2, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
@@ -42,7 +45,7 @@ def finish(m, names, moe_layers, clip):
 
 
 def pipeline_step(args, schedule):
-    pipe = dualpipe.Pipeline(args, schedule, dtype=torch.float64, seed=seed)
+    pipe = dualpipe.Pipeline(args, schedule, device=device, dtype=torch.float64, seed=seed)
     pipe.load_state_dict(reference.state_dict())
     losses = pipe.step(x if pipe.needs_data else x.shape, y if pipe.needs_data else None, C, lam=LAM)
     stages = sorted(pipe.stages, key=lambda s: s.index)
@@ -55,11 +58,11 @@ def pipeline_step(args, schedule):
 
 def single_process_step(args):
     """train.py's step on one process: (loss / C).backward() per micro-batch, losses averaged."""
-    m = model.Transformer(args).double()
+    m = model.Transformer(args).double().to(device)
     m.load_state_dict(reference.state_dict())
-    losses = torch.zeros(4, dtype=torch.float64)
+    losses = torch.zeros(4, dtype=torch.float64, device=device)
     for xm, ym in zip(x.tensor_split(C), y.tensor_split(C)):
-        _, parts = m(xm, ym, lam=LAM)
+        _, parts = m(xm.to(device), ym.to(device), lam=LAM)
         (parts["loss"] / C).backward()
         losses += torch.stack([parts[k].detach() for k in ("loss", "main", "mtp", "balance")]) / C
     r = finish([m], list(m.named_parameters()), m.moe_layers(),

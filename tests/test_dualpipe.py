@@ -507,22 +507,25 @@ def test_pipeline_refuses_what_it_cannot_run():
         pipe.step(torch.zeros(5, 8, dtype=torch.long), torch.zeros(5, 8, dtype=torch.long), 2)
 
 
-def run_pipeline_worker(tmp_path, nproc):
+def run_pipeline_worker(tmp_path, nproc, device="cpu"):
     seed = random.randrange(2 ** 31)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        str(ROOT / "tests" / "pipeline_worker.py"), str(tmp_path), str(seed)],
+                        str(ROOT / "tests" / "pipeline_worker.py"), str(tmp_path), str(seed), device],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, f"seed {seed}: " + p.stderr[-3000:]
-    return seed, [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+    return seed, [torch.load(tmp_path / f"rank{r}.pt", map_location="cpu", weights_only=False) for r in range(nproc)]
 
 
-@pytest.mark.parametrize("pp", [2, 4])
-def test_pipeline_step_under_torchrun_is_the_single_process_step(tmp_path, pp):
+@pytest.mark.parametrize("pp, device", [(2, "cpu"), (4, "cpu"),
+                                        pytest.param(2, "cuda", marks=pytest.mark.skipif(
+                                            not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_pipeline_step_under_torchrun_is_the_single_process_step(tmp_path, pp, device):
     """DualPipe and 1F1B on PP gloo processes against model.Transformer on one (float64, the same weights
     and micro-batches as grad accumulation): losses, every copy's gradient, the gradient norm and the
-    clipped gradients, the router loads and the biases update_bias makes from them."""
-    seed, ranks = run_pipeline_worker(tmp_path, pp)
+    clipped gradients, the router loads and the biases update_bias makes from them. On CUDA both ranks
+    share the GPU and gloo's point-to-point goes through the CPU."""
+    seed, ranks = run_pipeline_worker(tmp_path, pp, device)
     variants = [k for k in ranks[0] if k[1] != "single"]
     assert variants == [("", "dualpipe"), ("", "1f1b")] + ([("recompute", "dualpipe")] if pp == 2 else [])
     for variant, kind in variants:
