@@ -305,6 +305,10 @@ def bench_pipeline(preset="nano", batch_size=2, seq_len=64, chunks=0, steps=3, o
     # NCCL refuses two ranks on one GPU (GPU.md): gloo then, its point-to-point staged through the CPU
     dist.init_process_group("nccl" if cuda and world <= torch.cuda.device_count() else "gloo")
     C = chunks or 2 * world
+    try:
+        dualpipe.schedule(world, C), dualpipe.stage_layers(args, world)
+    except ValueError as e:
+        sys.exit(f"bench.py pipeline on {world} processes, --chunks={C}: {e}")
     g = torch.Generator().manual_seed(0)                 # the same batch on every rank
     tokens = torch.randint(0, args.vocab_size, (C * batch_size, seq_len + 1), generator=g)
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
