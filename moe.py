@@ -131,23 +131,41 @@ def tokens_per_expert(idx, n_experts):
 class LocalDispatcher:
     """Token movement when every routed expert lives on this process.
 
-    dispatch: (h (N, D), idx (N, K)) -> x (N*K, D) sorted by expert, counts (E,), handle
-    combine:  (y (N*K, D) in the sorted order, handle) -> y (N*K, D) in the (token, k) order
-    comm.py's all-to-all dispatcher keeps this interface, with counts for its local experts.
+    dispatch: (h (N, D), idx (N, K), g=None) -> x (N*K, D) sorted by expert, counts (E,), handle
+    combine:  (y (N*K, D) in the sorted order, handle) -> y (N*K, D) in the (token, k) order, or,
+              when dispatch was given the gates g (N, K), the routed sum (N, D) = sum_k g_tk y_tk
+    dispatch_async: the same as dispatch, started; wait() returns its result. Here nothing travels,
+    so it is done at once; comm.py's all-to-all dispatcher keeps this interface, with counts for its
+    local experts, and moves the rows while MoE.forward computes the shared experts.
     """
 
     def __init__(self, n_experts):
         self.n_experts = n_experts
 
-    def dispatch(self, h, idx):
+    def dispatch(self, h, idx, g=None):
         K = idx.shape[1]
         flat = idx.flatten()  # (N*K,) expert of each (token, k) pair
         order = flat.argsort(stable=True)  # pairs grouped by expert
         counts = tokens_per_expert(flat, self.n_experts)  # (E,)
-        return h[order // K], counts, order
+        return h[order // K], counts, LocalHandle(order, g)
 
-    def combine(self, y, order):
-        return torch.empty_like(y).index_copy_(0, order, y)
+    def dispatch_async(self, h, idx, g=None):
+        result = self.dispatch(h, idx, g)
+        return lambda: result
+
+    def combine(self, y, handle):
+        y = torch.empty_like(y).index_copy_(0, handle.order, y)  # (N*K, D) in (token, k) order
+        if handle.g is None:
+            return y
+        N, K = handle.g.shape
+        return (y.view(N, K, -1) * handle.g.unsqueeze(-1).to(y.dtype)).sum(1)  # (N, D)
+
+
+class LocalHandle:
+    """What combine needs: the sort order, the gates if given; x_q: no rows arrived in FP8 here."""
+
+    def __init__(self, order, g):
+        self.order, self.g, self.x_q = order, g, None
 
 
 class Experts(nn.Module):
@@ -229,17 +247,10 @@ class MoE(nn.Module):
         if torch.is_grad_enabled():  # a training step: count the load for update_bias()
             self.load += tokens_per_expert(idx.flatten(), self.load.numel())
         self.balance_loss = sequence_balance_loss(s.view(B, T, -1), idx.view(B, T, -1), self.args.balance_alpha)
-        if hasattr(self.dispatcher, "dispatch_async"):  # comm.py: rows travel while the shared experts compute
-            wait = self.dispatcher.dispatch_async(h, idx, g)
-            shared = self.shared_experts(x, h)
-            xs, counts, handle = wait()  # (M, D) sorted by local expert
-            y = self.dispatcher.combine(self.experts(xs, counts, handle.x_q), handle)  # (N, D), gates applied
-        else:
-            shared = self.shared_experts(x, h)
-            xs, counts, handle = self.dispatcher.dispatch(h, idx)  # (N*K, D) sorted by expert
-            ys = self.experts(xs, counts)  # (N*K, D)
-            y = self.dispatcher.combine(ys, handle).view(B * T, -1, D)  # (N, K, D)
-            y = (y * g.unsqueeze(-1).to(y.dtype)).sum(1)  # (N, D)
+        wait = self.dispatcher.dispatch_async(h, idx, g)  # comm.py: the rows travel meanwhile...
+        shared = self.shared_experts(x, h)  # ...while the shared experts compute
+        xs, counts, handle = wait()  # (M, D) sorted by (local) expert
+        y = self.dispatcher.combine(self.experts(xs, counts, handle.x_q), handle)  # (N, D), gates applied
         return (y + shared).view(B, T, D)
 
 

@@ -107,10 +107,16 @@ def test_dispatch_combine_round_trip():
     assert counts.tolist() == torch.bincount(idx.flatten(), minlength=6).tolist()
     # rows arrive grouped by expert, in expert order
     expert_of_row = torch.repeat_interleave(torch.arange(6), counts)
-    torch.testing.assert_close(x, h[torch.arange(10).repeat_interleave(3)][handle])
-    assert (idx.flatten()[handle] == expert_of_row).all()
+    torch.testing.assert_close(x, h[torch.arange(10).repeat_interleave(3)][handle.order])
+    assert (idx.flatten()[handle.order] == expert_of_row).all()
     back = d.combine(x, handle).view(10, 3, 4)
     torch.testing.assert_close(back, h.unsqueeze(1).expand(10, 3, 4))
+    # with the gates, combine returns the routed sum: sum_k g_tk y_tk
+    g = torch.rand(10, 3)
+    x, _, handle = d.dispatch_async(h, idx, g)()
+    y = x * torch.arange(1, 31.0).unsqueeze(-1)  # expert outputs that differ per row
+    per_pair = d.combine(y, moe.LocalHandle(handle.order, None)).view(10, 3, 4)
+    torch.testing.assert_close(d.combine(y, handle), (per_pair * g.unsqueeze(-1)).sum(1))
 
 
 def test_bias_update_sign_and_size():
