@@ -110,18 +110,16 @@ import functools
 import math
 import sys
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 import model
-from model import Block, MTPModule, fp32_or_wider, precompute_rope
+from model import Block, MTPModule, balance_loss, init_weights, output_losses, precompute_rope
 from moe import MoE
 
 KINDS = ("F", "B", "W")
@@ -423,19 +421,10 @@ class Stage(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    @torch.no_grad()
     def init_weights(self, seed=0):
-        """Transformer.init_weights' distributions (matrices N(0, init_std), norms 1, biases b 0), each
-        tensor drawn from a generator seeded by its name: every copy of a stage, on any rank, in any
-        split, starts from the same weights."""
-        for name, p in self.named_parameters():
-            g = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            if p.dim() >= 2:
-                p.normal_(0.0, self.args.init_std, generator=g)
-            else:
-                p.fill_(1.0)
-        for moe in self.moe_layers():
-            moe.gate.bias.zero_()
+        """model.init_weights: each tensor drawn from a generator seeded by its name, so every copy of a
+        stage, on any rank, in any split, starts from the weights model.Transformer starts from."""
+        init_weights(self, self.args, seed)
 
     def moe_layers(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
@@ -455,18 +444,11 @@ class Stage(nn.Module):
             h = layer(h, cos, sin)
         parts = {}
         if self.last and targets is not None:
-            main = F.cross_entropy(fp32_or_wider(self.head(self.norm(h))).flatten(0, 1), targets.flatten(),
-                                   ignore_index=-1)
             emb = x if self.first else self.embed(tokens)  # (B, T, D); one stage: its input is the embedding
-            mtp, h_k = [], h
-            for k, module in enumerate(self.mtp, start=1):
-                h_k = module(h_k[:, :-1], emb[:, k:], cos[:T - k], sin[:T - k])  # (B, T-k, D)
-                logits_k = self.head(module.norm(h_k))
-                mtp.append(F.cross_entropy(fp32_or_wider(logits_k).flatten(0, 1), targets[:, k:].flatten(),
-                                           ignore_index=-1))
-                blocks.append(module.block)
-            parts.update(main=main, mtp=torch.stack(mtp).mean() if mtp else main.new_zeros(()))
-        parts["balance"] = sum((b.ffn.balance_loss for b in blocks if isinstance(b.ffn, MoE)), h.new_zeros(()))
+            parts["main"], parts["mtp"] = output_losses(self.head(self.norm(h)), h, emb, targets, self.head,
+                                                        self.mtp, cos, sin)
+            blocks += [module.block for module in self.mtp]
+        parts["balance"] = balance_loss(blocks, h)
         if "main" in parts:
             lam = self.args.mtp_lambda if lam is None else lam
             parts["loss"] = parts["main"] + lam * parts["mtp"] + parts["balance"]

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import struct
+import zlib
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -365,7 +366,7 @@ class MTPModule(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args):
+    def __init__(self, args, seed=0):
         super().__init__()
         self.args = args
         self.embed = nn.Embedding(args.vocab_size, args.dim)
@@ -376,17 +377,10 @@ class Transformer(nn.Module):
         cos, sin = precompute_rope(args)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.init_weights()
+        self.init_weights(seed)
 
-    def init_weights(self):
-        """Every learnable matrix ~ N(0, init_std) (0.006 in the paper, 4.2); norms 1; biases b 0."""
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                nn.init.normal_(p, std=self.args.init_std)
-            else:
-                nn.init.ones_(p)
-        for moe in self.moe_layers():
-            moe.gate.bias.zero_()
+    def init_weights(self, seed=0):
+        init_weights(self, self.args, seed)
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
@@ -409,16 +403,8 @@ class Transformer(nn.Module):
         logits = self.head(self.norm(h))  # (B, T, V)
         if targets is None:
             return logits
-        main = F.cross_entropy(fp32_or_wider(logits).flatten(0, 1), targets.flatten(), ignore_index=-1)
-        mtp = []
-        for k, module in enumerate(self.mtp, start=1):
-            # depth k: position i sees h^{k-1}_i and token t_{i+k}, and predicts t_{i+k+1}
-            h = module(h[:, :-1], emb[:, k:], cos[:T - k], sin[:T - k])  # (B, T-k, D)
-            logits_k = self.head(module.norm(h))
-            mtp.append(F.cross_entropy(fp32_or_wider(logits_k).flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1))
-        mtp = torch.stack(mtp).mean() if mtp else main.new_zeros(())
-        blocks = [*self.layers, *(m.block for m in self.mtp)]
-        balance = sum((b.ffn.balance_loss for b in blocks if isinstance(b.ffn, MoE)), main.new_zeros(()))
+        main, mtp = output_losses(logits, h, emb, targets, self.head, self.mtp, cos, sin)
+        balance = balance_loss([*self.layers, *(m.block for m in self.mtp)], main)
         lam = self.args.mtp_lambda if lam is None else lam
         return logits, dict(loss=main + lam * mtp + balance, main=main, mtp=mtp, balance=balance)
 
@@ -442,6 +428,44 @@ class Transformer(nn.Module):
             if done or (eot is not None and bool((nxt == eot).all())):
                 return
             logits = self(nxt[:, None], start_pos=pos, cache=cache)[:, -1]
+
+
+@torch.no_grad()
+def init_weights(module, args, seed=0):
+    """Every learnable matrix ~ N(0, init_std) (0.006 in the paper, 4.2); norms 1; biases b 0. Each
+    tensor is drawn from a generator seeded by its name, so a model starts from the same weights
+    whatever the layout: split into pipeline stages (dualpipe.py), on any rank, in any order."""
+    for name, p in module.named_parameters():
+        if p.is_meta:  # shapes only (count_params, from_pretrained): nothing to draw
+            continue
+        g = torch.Generator(p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if p.dim() >= 2:
+            p.normal_(0.0, args.init_std, generator=g)
+        else:
+            p.fill_(1.0)
+    for m in module.modules():
+        if isinstance(m, MoE):
+            m.gate.bias.zero_()
+
+
+def output_losses(logits, h, emb, targets, head, mtp_modules, cos, sin):
+    """(main, mtp): the cross-entropy of the main model's logits, and the mean over the MTP depths
+    of theirs (eqs. 24-25). h: the last block's output (B, T, D), emb: the token embeddings."""
+    T = h.shape[1]
+    main = F.cross_entropy(fp32_or_wider(logits).flatten(0, 1), targets.flatten(), ignore_index=-1)
+    mtp = []
+    for k, module in enumerate(mtp_modules, start=1):
+        # depth k: position i sees h^{k-1}_i and token t_{i+k}, and predicts t_{i+k+1}
+        h = module(h[:, :-1], emb[:, k:], cos[:T - k], sin[:T - k])  # (B, T-k, D)
+        logits_k = head(module.norm(h))
+        mtp.append(F.cross_entropy(fp32_or_wider(logits_k).flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1))
+    return main, torch.stack(mtp).mean() if mtp else main.new_zeros(())
+
+
+def balance_loss(blocks, like):
+    """The sequence-wise balance loss (eq. 17) summed over the MoE layers of these blocks' last
+    forward; a 0-dim tensor on like's device."""
+    return sum((b.ffn.balance_loss for b in blocks if isinstance(b.ffn, MoE)), like.new_zeros(()))
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

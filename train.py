@@ -610,7 +610,7 @@ def main(argv=None):
     grid, device = compute_init(c, args)
     world, dp = grid.layout.world, grid.layout.dp
     master = grid.rank == 0
-    torch.manual_seed(c.seed)  # the same initial weights on every rank
+    torch.manual_seed(c.seed)
     use_bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     if device.type == "cuda":
@@ -622,7 +622,7 @@ def main(argv=None):
     info, args, train_loader, val_loader = prepare_data(c, args, grid.dp_rank, dp, ckpt is None)
     ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
 
-    model = model_lib.Transformer(args)
+    model = model_lib.Transformer(args, seed=c.seed)  # each weight seeded by its name: any layout, same start
     if c.ep > 1:  # this rank keeps its E/ep experts of each MoE layer, tokens travel by all-to-all
         comm.shard_experts(model, grid, hierarchical=c.dispatch == "hierarchical")
     model.to(device)
