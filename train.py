@@ -39,11 +39,13 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from tqdm import tqdm
 
 import checkpoint as checkpoint_lib
 import comm
 import data as data_lib
+import dualpipe
 import model as model_lib
 from moe import update_bias
 
@@ -59,7 +61,7 @@ preset = "nano"             # nano | small | v2-lite | v3 (model.PRESETS); any M
 # batch
 batch_size = 8              # sequences per micro-batch per process
 seq_len = 256               # tokens per sequence (raises the preset's max_seq_len if longer)
-grad_accum = 1              # micro-batches per optimizer step
+grad_accum = 1              # micro-batches per optimizer step (--micro_batches is the same setting)
 # optimizer (3.3.3)
 max_iters = 300             # optimizer steps of the whole run (the schedules below are fractions of it)
 lr = 3e-3                   # peak learning rate, after warmup
@@ -87,7 +89,10 @@ log_interval = 10           # steps between log lines (out_dir/log.jsonl)
 out_dir = "out"             # checkpoint, tokenizer and log of this run
 resume = False              # continue the run in out_dir from its checkpoint, with its settings
 stop_iter = 0               # if > 0, end this run at this iteration with a checkpoint (--resume continues)
-# parallelism, under torchrun (comm.py): data parallel over the processes, and within it
+# parallelism, under torchrun (comm.py, dualpipe.py): pipeline stages x data parallel, and within the latter
+pp = 1                      # pipeline parallelism: the blocks split into this many stages (DualPipe: even)
+pipeline = "dualpipe"       # the pipeline schedule: dualpipe (3.2.1) | 1f1b; grad_accum micro-batches per step
+overlap = True              # DualPipe's overlapped forward/backward pairs (the all-to-all hidden behind compute)
 ep = 1                      # expert parallelism: each MoE layer's routed experts split over this many ranks
 dispatch = "flat"           # expert-parallel all-to-all: flat | hierarchical (3.2.2: a node once, then NVLink)
 nccl_channels = 0           # cap on NCCL's channels (one thread block, i.e. one SM, each) per kernel; 0: NCCL's choice
@@ -99,7 +104,8 @@ seed = 1337                 # weights and data order
 
 SETTINGS = {k: v for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (int, float, bool, str)}
 CHOICES = dict(compile=("auto", "true", "false"), dtype=("auto", "bfloat16", "float32"),
-               moments_dtype=("bfloat16", "float32"), dispatch=("flat", "hierarchical"))
+               moments_dtype=("bfloat16", "float32"), dispatch=("flat", "hierarchical"), pipeline=("dualpipe", "1f1b"))
+ALIASES = dict(micro_batches="grad_accum")  # the pipeline's name for the micro-batches of a step
 H200_BF16_FLOPS = 989e12    # dense BF16 datasheet rate, the denominator of MFU
 LOSS_NAMES = ("loss", "main", "mtp", "balance")
 
@@ -130,6 +136,7 @@ def parse_args(settings, argv, model_fields=(), choices=None, script=None):
         if not arg.startswith("--"):
             raise SystemExit(f"arguments look like --key=value, got {arg!r} (--help lists the settings)")
         key, eq, text = arg[2:].partition("=")
+        key = ALIASES.get(key, key) if key not in config else key
         if key in config:
             like = config[key]
         elif key in model_fields:
@@ -188,7 +195,7 @@ LIMITS = [("batch_size", lambda v: v >= 1, "at least 1"), ("seq_len", lambda v: 
           ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
           ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"), ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
           ("mtp_switch", lambda v: 0 <= v <= 1, "in [0, 1]"), ("gamma_switch", lambda v: 0 <= v <= 1, "in [0, 1]"),
-          ("ep", lambda v: v >= 1, "at least 1"), ("nccl_channels", lambda v: v >= 0, "0 (NCCL's choice) or more"),
+          ("ep", lambda v: v >= 1, "at least 1"), ("pp", lambda v: v >= 1, "at least 1"), ("nccl_channels", lambda v: v >= 0, "0 (NCCL's choice) or more"),
           ("device", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N")]
 
 
@@ -201,7 +208,7 @@ def check_settings(c):
 # On --resume every setting comes from the checkpoint; these may be given anew (each change is printed).
 # Settings of the parallel layout join them as they come (comm.py, dualpipe.py).
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "dtype", "compile", "cache_dir",
-             "batch_size", "grad_accum", "ep", "dispatch", "nccl_channels"}
+             "batch_size", "grad_accum", "ep", "dispatch", "nccl_channels", "pp", "pipeline", "overlap"}
 # Settings of one invocation, never taken from the checkpoint (out_dir is where it was found).
 PER_RUN = {"resume", "stop_iter", "out_dir"}
 
@@ -252,7 +259,14 @@ def compute_init(c, args):
     else:
         device = torch.device(c.device if c.device != "auto" else "cuda" if cuda else "cpu")
     try:
-        grid = comm.init(ep=c.ep, nccl_channels=c.nccl_channels or None, n_experts=args.n_routed_experts,
+        if c.pp > 1:  # a schedule and a split of the blocks that fit, before any process starts talking
+            (dualpipe.schedule if c.pipeline == "dualpipe" else dualpipe.schedule_1f1b)(c.pp, c.grad_accum)
+            dualpipe.stage_layers(args, c.pp)
+    except ValueError as e:
+        raise SystemExit(f"--pp={c.pp} --pipeline={c.pipeline} with --grad_accum={c.grad_accum} micro-batches: "
+                         f"{e}") from None
+    try:
+        grid = comm.init(pp=c.pp, ep=c.ep, nccl_channels=c.nccl_channels or None, n_experts=args.n_routed_experts,
                          backend="nccl" if cuda else "gloo")
         if c.ep > 1:
             comm.check_node_limited(args, grid.layout)
@@ -490,19 +504,13 @@ def load_adam_moments(model, optimizer, tensors, step):
 
 
 @torch.no_grad()
-def evaluate(model, loader_factory, iters, autocast, device, grid):
-    """Mean main-model cross-entropy over `iters` batches drawn the same way every time."""
-    model.eval()
+def evaluate(main_loss, loader_factory, steps, grad_accum, grid):
+    """Mean main-model cross-entropy over `steps` evaluation steps of one global batch each, drawn the
+    same way every time; main_loss(micro-batches) -> their mean main loss."""
     loader = loader_factory()
-    total = torch.zeros((), device=device)
-    for _ in range(iters):
-        x, y = (t.to(device) for t in loader.next_batch())
-        with autocast:
-            _, losses = model(x, y)
-        total += losses["main"].float()
-    model.train()
+    total = sum(main_loss([loader.next_batch() for _ in range(grad_accum)]).double() for _ in range(steps))
     grid.all_reduce(total, "dp")
-    return (total / grid.layout.dp / iters).item()
+    return (total / grid.layout.dp / steps).item()
 
 
 def check_finite(losses, step):
@@ -595,14 +603,54 @@ def open_log(path, start):
     return open(path, "a")
 
 
-def checkpoint_share(model, ema, optimizer, grid):
-    """(tensors, slices): this rank's share of a checkpoint (checkpoint.py). A replicated tensor is
-    written by the first data-parallel rank, each slice of the routed experts by the first of the
-    ranks holding copies of it; the names are the single-process model's."""
-    slices = {n: (a, b) for n, (a, b, _) in comm.expert_slices(model, grid).items()} if grid.layout.ep > 1 else {}
+def build_model(c, args, grid, device):
+    """(model, modules): this rank's part of the model, the whole Transformer or its pipeline stages
+    (dualpipe.Pipeline, which has the Transformer's parameter names); with --ep only this rank's routed
+    experts (comm.py). Each weight is seeded by its name: every layout starts from the same weights."""
+    if c.pp > 1:
+        model = dualpipe.Pipeline(args, c.pipeline, group=grid.groups["pp"], device=device, seed=c.seed,
+                                  overlap=c.overlap and c.pipeline == "dualpipe")
+        modules = model.stages
+    else:
+        model = model_lib.Transformer(args, seed=c.seed)
+        modules = [model]
+    for m in modules:
+        if c.ep > 1:  # this rank keeps its E/ep experts of each MoE layer, tokens travel by all-to-all
+            comm.shard_experts(m, grid, hierarchical=c.dispatch == "hierarchical")
+        m.to(device)
+    return model, modules
+
+
+def ownership(model, modules, grid):
+    """(owned(name), expert slices): which rank writes each tensor to a checkpoint and counts it in the
+    gradient norm, exactly one: of a pipeline's stage copies the one Pipeline.owns, of data-parallel
+    copies the first, of the copies of an expert slice the first of the ranks holding it (edp rank 0).
+    slices: {name: (start, stop)} the rows of the stacked expert weights this rank holds."""
+    slices = {n: (a, b) for m in modules for n, (a, b, _) in comm.expert_slices(m, grid).items()} \
+        if grid.layout.ep > 1 else {}
+    in_pipeline = model.owns if isinstance(model, dualpipe.Pipeline) else (lambda name: True)
+    return (lambda name: in_pipeline(name) and (grid.edp_rank == 0 if name in slices else grid.dp_rank == 0)), slices
+
+
+def checkpoint_share(model, ema, optimizer, owned):
+    """This rank's tensors of a checkpoint (checkpoint.py), under the single-process model's names."""
     everything = dict(model=model.state_dict(), ema=ema.state_dict(), **adam_moments(model, optimizer))
-    mine = lambda name: grid.edp_rank == 0 if name in slices else grid.dp_rank == 0  # noqa: E731
-    return {kind: {n: t for n, t in named.items() if mine(n)} for kind, named in everything.items()}, slices
+    return {kind: {n: t for n, t in named.items() if owned(n)} for kind, named in everything.items()}
+
+
+def clip_grad_norm_(model, owned, max_norm):
+    """torch.nn.utils.clip_grad_norm_ of the whole model on any layout: each parameter's gradient
+    counted once (on the rank that owns it), the squares summed over all ranks; every gradient held
+    here, copies too, scaled alike. Returns the norm."""
+    device = next(model.parameters()).device
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for n, p in model.named_parameters()
+             if p.grad is not None and owned(n)]
+    total = torch.stack(norms).square().sum() if norms else torch.zeros((), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    total = total.sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0).float()
+    torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], coef)
+    return total
 
 
 def main(argv=None):
@@ -622,16 +670,13 @@ def main(argv=None):
     info, args, train_loader, val_loader = prepare_data(c, args, grid.dp_rank, dp, ckpt is None)
     ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
 
-    model = model_lib.Transformer(args, seed=c.seed)  # each weight seeded by its name: any layout, same start
-    if c.ep > 1:  # this rank keeps its E/ep experts of each MoE layer, tokens travel by all-to-all
-        comm.shard_experts(model, grid, hierarchical=c.dispatch == "hierarchical")
-    model.to(device)
+    model, modules = build_model(c, args, grid, device)
+    owned, slices = ownership(model, modules, grid)
     compile_optimizer = c.compile == "true" or (c.compile == "auto" and device.type == "cuda")
     optimizer = make_optimizer(model, c, compiled=compile_optimizer)
     start = 0
     if ckpt is not None:  # written by any layout: this rank reads the rows of the experts it holds
-        slices = comm.expert_slices(model, grid) if c.ep > 1 else {}
-        _, tensors = checkpoint_lib.load(ckpt_path, rows=lambda name: slices[name][:2] if name in slices else None)
+        _, tensors = checkpoint_lib.load(ckpt_path, rows=slices.get)
         model.load_state_dict(tensors["model"])
         start = ckpt["step"]
         load_adam_moments(model, optimizer, tensors, start)
@@ -653,18 +698,19 @@ def main(argv=None):
 
     # FP8 layers run eagerly (fp8.py): compiling around their graph breaks took minutes for small on
     # the H200 and gave nothing back, so auto leaves an FP8 model eager; --compile=true still compiles.
-    compiled = compile_optimizer and not (args.fp8 and c.compile == "auto")
+    compiled = compile_optimizer and not (args.fp8 and c.compile == "auto") and c.pp == 1
     train_model = torch.compile(model) if compiled else model
     # Gradients: averaged over the data-parallel ranks after the last micro-batch, the experts' over
     # the ranks holding copies of them (comm.py says why not DDP); loads summed before the bias update.
-    reduce_gradients = (lambda: comm.reduce_gradients(model, grid)) if world > 1 else (lambda: None)
-    clip = (lambda: comm.clip_grad_norm_(model, grid, c.grad_clip)) if world > 1 else \
+    reduce_gradients = (lambda: comm.reduce_gradients(nn.ModuleList(modules), grid)) if dp > 1 else (lambda: None)
+    clip = (lambda: clip_grad_norm_(model, owned, c.grad_clip)) if world > 1 else \
         (lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip))
-    all_reduce = grid.sum_over_dp if world > 1 else None
+    all_reduce = grid.sum_over_dp if dp > 1 else None
     flops_per_token = model_lib.flops_per_token(args, c.seq_len)
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * dp
     n = model_lib.count_params(args)
-    layout = f"{world} process(es)" + (f", expert parallel {c.ep} ({c.dispatch})" if c.ep > 1 else "")
+    layout = f"{world} process(es)" + (f", {c.pipeline} over {c.pp} stages" if c.pp > 1 else "") + \
+        (f", expert parallel {c.ep} ({c.dispatch})" if c.ep > 1 else "")
     print0(f"model: {c.preset}, {n['total'] / 1e6:.1f}M parameters ({n['activated'] / 1e6:.1f}M activated, "
            f"MTP {n['mtp'] / 1e6:.1f}M more), vocab {args.vocab_size}; {layout} on {device.type}, "
            f"{'bf16 autocast' if use_bf16 else 'fp32'}{', compiled' if compiled else ''}; "
@@ -674,16 +720,11 @@ def main(argv=None):
         meta = dict(model_args=asdict(args), step=step, data=train_loader.state_dict(), rng=dict(cpu=torch.get_rng_state()),
                     config=vars(c), global_batch=c.batch_size * c.grad_accum * dp,
                     tokenizer="gpt2" if info["tokenizer"] == "gpt2" else "tokenizer.tiktoken", eot=info["eot"])
-        tensors, slices = checkpoint_share(model, ema, optimizer, grid)
-        checkpoint_lib.save(ckpt_path, meta, tensors, slices, group=CONTROL)
+        checkpoint_lib.save(ckpt_path, meta, checkpoint_share(model, ema, optimizer, owned), slices, group=CONTROL)
 
-    def train_step(step):
-        """One optimizer step over grad_accum micro-batches; the losses averaged over them."""
-        lr = lr_at(step, c)
-        lam = c.mtp_lambda if step < c.mtp_switch * c.max_iters else c.mtp_lambda_final
-        gamma = c.bias_gamma if step < c.gamma_switch * c.max_iters else c.bias_gamma_final
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    # One forward+backward per mode, chosen once: micro-batches accumulated one after the other, or
+    # run through the pipeline's schedule (each returns the losses averaged over the micro-batches).
+    def accumulate(lam):
         losses = torch.zeros(len(LOSS_NAMES), device=device)
         for micro in range(c.grad_accum):
             x, y = (t.to(device, non_blocking=True) for t in train_loader.next_batch())
@@ -692,6 +733,32 @@ def main(argv=None):
                 _, parts = train_model(x, y, lam=torch.tensor(lam, device=device))
             (parts["loss"] / c.grad_accum).backward()
             losses += torch.stack([parts[k].detach().float() for k in LOSS_NAMES]) / c.grad_accum
+        return losses
+
+    def through_pipeline(lam):
+        xs, ys = zip(*(train_loader.next_batch() for _ in range(c.grad_accum)))
+        with autocast:
+            parts = model.step(list(xs), list(ys), lam=lam)
+        return torch.stack([parts[k].float() for k in LOSS_NAMES]).to(device)
+
+    forward_backward = through_pipeline if c.pp > 1 else accumulate
+
+    def main_loss(batches):  # for evaluate: the mean main loss of a step's micro-batches
+        if c.pp > 1:
+            xs, ys = zip(*batches)
+            with autocast:
+                return torch.as_tensor(model.evaluate(list(xs), list(ys), len(batches)))
+        with autocast:
+            return torch.stack([model(x.to(device), y.to(device))[1]["main"].float() for x, y in batches]).mean()
+
+    def train_step(step):
+        """One optimizer step over grad_accum micro-batches; the losses averaged over them."""
+        lr = lr_at(step, c)
+        lam = c.mtp_lambda if step < c.mtp_switch * c.max_iters else c.mtp_lambda_final
+        gamma = c.bias_gamma if step < c.gamma_switch * c.max_iters else c.bias_gamma_final
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = forward_backward(lam)
         check_finite(losses, step + 1)
         reduce_gradients()
         grad_norm = clip()
@@ -743,10 +810,9 @@ def main(argv=None):
                 t0, steps_since = time.time(), 0
                 grid.traffic.reset()
             if not stopped and ((step + 1) % c.eval_interval == 0 or step + 1 == last_stop):
-                batches = c.eval_iters * c.grad_accum
-                val = evaluate(model, val_loader, batches, autocast, device, grid)
+                val = evaluate(main_loss, val_loader, c.eval_iters, c.grad_accum, grid)
                 with ema.applied(model):
-                    val_ema = evaluate(model, val_loader, batches, autocast, device, grid)
+                    val_ema = evaluate(main_loss, val_loader, c.eval_iters, c.grad_accum, grid)
                 print0(f"step {step + 1}: val loss {val:.4f}, EMA val loss {val_ema:.4f}")
                 log(dict(step=step + 1, val_loss=val, val_loss_ema=val_ema))
             if stopped or (step + 1) % c.eval_interval == 0 or step + 1 == last_stop:
