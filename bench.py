@@ -22,9 +22,11 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
                             (a fresh communicator per cap); on one process the permutations alone against
                             the device copy. Runs under gloo on the CPU too (small flags, e.g. --dim=256)
     torchrun --nproc_per_node=4 bench.py pipeline [--preset=nano --batch_size=2 --seq_len=64 --chunks=8]
-                            DualPipe against 1F1B (dualpipe.py): per-stage F, B, W times, step times, each
-                            rank's idle time against simulate()'s; on one process one stage's F, B, W and
-                            the bubbles simulate() predicts from them at PP 4 and 8 (CPU or GPU)
+                            DualPipe, its F&B pairs as F then B and overlapped, against 1F1B (dualpipe.py):
+                            per-stage F, B, W, F&B times, step times, each rank's idle time against
+                            simulate()'s; on one process one stage's F, B, W and an overlapped F&B pair
+                            against F then B, and the bubbles simulate() predicts from them at PP 4 and 8
+                            (CPU or GPU)
 
 Timings are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs), except
 `step`, which averages 5 steps between two CUDA events.
@@ -278,12 +280,21 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
-def bench_pipeline(preset="nano", batch_size=2, seq_len=64, chunks=0, steps=3, overlap=0, **overrides):
+PIPELINES = (("dualpipe", False), ("dualpipe", True), ("1f1b", False))  # (schedule, overlapped F&B pairs)
+
+
+def _pipeline_name(schedule, overlap):
+    return schedule + " overlapped" * overlap
+
+
+def bench_pipeline(preset="nano", batch_size=2, seq_len=64, chunks=0, steps=3, **overrides):
     """DualPipe against 1F1B (dualpipe.py). Under torchrun with PP processes (gloo on the CPU, NCCL on
-    GPUs): each stage's F, B, W chunk times, both schedules' step times at the same micro-batch count
-    (chunks, default 2 PP), and each rank's idle time measured against simulate()'s from the measured
-    op times. On one process: one stage's F, B, W times, and simulate()'s bubbles at PP 4 and 8 from them.
-    Other --key=value set ModelArgs fields (--n_layers=8)."""
+    GPUs, gloo when ranks share a GPU): each stage's F, B, W and F&B chunk times; the step times of
+    DualPipe with its pairs run as F then B and overlapped (figure 4), and of 1F1B, at the same micro-batch
+    count (chunks, default 2 PP); each rank's idle time measured against simulate()'s from that run's
+    median op times. On one process: one stage's F, B, W, an F&B pair run through the interleaved
+    pieces against F then B, and simulate()'s bubbles at PP 4 and 8 from them. Other --key=value set
+    ModelArgs fields (--n_layers=8)."""
     import os
     from contextlib import nullcontext
 
@@ -291,10 +302,11 @@ def bench_pipeline(preset="nano", batch_size=2, seq_len=64, chunks=0, steps=3, o
 
     import dualpipe
     import model
-    if overlap:
-        sys.exit("bench.py pipeline --overlap: the overlapped F&B pair is phase 2b of issue 10, not written yet; "
-                 "without --overlap the pairs run as F then B")
-    args = model.preset(preset, max_seq_len=max(seq_len, model.PRESETS[preset].get("max_seq_len", 0)), **overrides)
+    try:   # --overlap is gone: both pair kinds always run
+        args = model.preset(preset, max_seq_len=max(seq_len, model.PRESETS.get(preset, {}).get("max_seq_len", 0)),
+                            **overrides)
+    except ValueError as e:
+        sys.exit(f"bench.py pipeline: {e}")
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return _bench_one_stage(args, batch_size, seq_len, chunks, cuda)
@@ -313,8 +325,8 @@ def bench_pipeline(preset="nano", batch_size=2, seq_len=64, chunks=0, steps=3, o
     tokens = torch.randint(0, args.vocab_size, (C * batch_size, seq_len + 1), generator=g)
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
     results = {}
-    for kind in ("dualpipe", "1f1b"):
-        pipe = dualpipe.Pipeline(args, kind, device=device)
+    for schedule, overlap in PIPELINES:
+        pipe = dualpipe.Pipeline(args, schedule, device=device, overlap=overlap)
         for i in range(steps + 1):                      # the first step warms up, untimed
             pipe.timed, pipe.times = i > 0, []
             with autocast:
@@ -324,31 +336,33 @@ def bench_pipeline(preset="nano", batch_size=2, seq_len=64, chunks=0, steps=3, o
             for m in pipe.moe_layers():
                 m.load.zero_()
             if i > 0:
-                results.setdefault(kind, []).append(_pipeline_times(pipe, C))
+                results.setdefault(_pipeline_name(schedule, overlap), []).append(_pipeline_times(pipe, C))
         del pipe
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
         _header(f"pipeline: {preset}, PP={world} ({dist.get_backend()}, {device.type}), {C} micro-batches of "
-                f"{batch_size} x {seq_len}, {steps} timed steps, pairs as F then B")
+                f"{batch_size} x {seq_len}, {steps} timed steps")
         _print_pipeline(gathered, world, C)
     dist.destroy_process_group()
 
 
 def _pipeline_times(pipe, C):
     """One timed step of a Pipeline: its wall time, its compute time, and each op's time by (kind, stage);
-    kind "Bi" is a zero-bubble B (input gradient only), "FB" an F&B pair run as F then B."""
+    kind "Bi" is a zero-bubble B (input gradient only), "FB" an F&B pair (overlapped: one span; else its
+    F and B run one after the other, summed)."""
     plan, deferred = pipe.plans[C]
     records = iter(pipe.times)
     ops, busy = {}, 0.0
     for step in (s for s, _, _ in plan if s):
-        spans = [next(records) for _ in step]
+        spans = [next(records)] if pipe.overlap and len(step) == 2 else [next(records) for _ in step]
         busy += sum(t1 - t0 for _, t0, t1 in spans)
-        for (kind, d, c), t0, t1 in spans:
-            kind = "Bi" if kind == "B" and (d, c) in deferred else kind
-            ops.setdefault((kind, pipe.stages[d].index), []).append(t1 - t0)
         if len(step) == 2:
             ops.setdefault(("FB", pipe.stages[step[0][1]].index), []).append(sum(t1 - t0 for _, t0, t1 in spans))
+        if len(spans) == len(step):
+            for ((kind, d, c),), t0, t1 in spans:
+                kind = "Bi" if kind == "B" and (d, c) in deferred else kind
+                ops.setdefault((kind, pipe.stages[d].index), []).append(t1 - t0)
     (_, t0, t1), = records
     return dict(wall=t1 - t0, busy=busy, ops=ops)
 
@@ -359,38 +373,48 @@ def _print_pipeline(gathered, pp, C):
     import dualpipe
     med = statistics.median
     ms = lambda t: f"{t * 1e3:8.2f}" if t == t else f"{'-':>8}"  # noqa: E731
+    names = [_pipeline_name(*p) for p in PIPELINES]
 
-    def op(kind, ranks, schedule_kind="dualpipe", stage=None):
-        ts = [t for r in ranks for step in gathered[r][schedule_kind] for (k, s), v in step["ops"].items()
+    def op(name, kind, stage=None):
+        ts = [t for r in range(pp) for step in gathered[r][name] for (k, s), v in step["ops"].items()
               if k == kind and stage in (None, s) for t in v]
         return med(ts) if ts else float("nan")
     print("\n-- per-chunk op times by stage (ms, median; B: the whole backward, Bi: the zero-bubble B, input "
-          "gradient only, W: its deferred weight gradient; F&B: a pair run as F then B)")
-    print(f"{'stage':>5} {'F':>8} {'B':>8} {'Bi':>8} {'W':>8} {'F&B':>8}")
+          "gradient only, W: its deferred weight gradient; F&B: a pair as F then B, and overlapped)")
+    print(f"{'stage':>5} {'F':>8} {'B':>8} {'Bi':>8} {'W':>8} {'F&B':>8} {'F&B ovl':>8}")
     for s in range(pp):
-        print(f"{s:>5} " + " ".join(ms(op(k, range(pp), stage=s)) for k in ("F", "B", "Bi", "W", "FB")))
-    F, B, W = op("F", range(pp)), op("B", range(pp)), op("W", range(pp))
-    W = 0.0 if W != W else W
-    times = {"F": F, "B": B - W, "W": W, "F&B": F + B}   # B - W: a whole backward costs what it measured
-    print(f"median over the stages: F {F * 1e3:.2f}, B {B * 1e3:.2f} (split: Bi {op('Bi', range(pp)) * 1e3:.2f} + W "
-          f"{W * 1e3:.2f}); simulate() gets F, B - W, W and F&B = F + B, every stage alike")
+        print(f"{s:>5} " + " ".join(ms(op(names[0], k, s)) for k in ("F", "B", "Bi", "W", "FB"))
+              + " " + ms(op(names[1], "FB", s)))
+    times = {}
+    for name in names:       # each run's own medians; B - W: a whole backward costs what it measured
+        F, B, W = op(name, "F"), op(name, "B"), op(name, "W")
+        W = 0.0 if W != W else W
+        times[name] = {"F": F, "B": B - W, "W": W, "F&B": op(name, "FB") if "overlapped" in name else F + B}
+    t = times[names[1]]
+    print(f"overlapped run, through the pieces: F {t['F'] * 1e3:.2f}, B {(t['B'] + t['W']) * 1e3:.2f}, "
+          f"F&B {t['F&B'] * 1e3:.2f} (F + B: {(t['F'] + t['B'] + t['W']) * 1e3:.2f}); simulate() takes each run's "
+          f"F, B - W, W and F&B (measured overlapped, else F + B), every stage alike")
     print("\n-- idle time per rank and step time (ms, median): measured, and simulated from the median times")
-    sims = {"dualpipe": dualpipe.simulate(dualpipe.schedule(pp, C), times),
-            "1f1b": dualpipe.simulate(dualpipe.schedule_1f1b(pp, C), times)}
-    print(f"{'rank':>5} " + " ".join(f"{k + ' ' + w:>16}" for k in sims for w in ("measured", "simulated")))
-    idle = {k: [med(s["wall"] - s["busy"] for s in gathered[r][k]) for r in range(pp)] for k in sims}
-    for r in range(pp):
-        print(f"{r:>5} " + " ".join(f"{ms(idle[k][r]):>16} {ms(sims[k].idle[r]):>16}" for k in sims))
-    print(f"{'bubble':>5} " + " ".join(f"{ms(max(idle[k])):>16} {ms(sims[k].bubble):>16}" for k in sims))
-    walls = {k: med(med(s["wall"] for s in gathered[r][k]) for r in range(pp)) for k in sims}
-    print(f"{'step':>5} " + " ".join(f"{ms(walls[k]):>16} {ms(sims[k].makespan):>16}" for k in sims))
-    print(f"dualpipe / 1f1b step time: measured {walls['dualpipe'] / walls['1f1b']:.2f}, simulated "
-          f"{sims['dualpipe'].makespan / sims['1f1b'].makespan:.2f}")
+    sims = {name: dualpipe.simulate((dualpipe.schedule if name.startswith("dualpipe") else dualpipe.schedule_1f1b)(
+        pp, C), times[name]) for name in names}
+    print(f"{'':>6} | " + " | ".join(f"{name:^19}" for name in names))
+    print(f"{'rank':>6} | " + " | ".join(f"{'measured':>9} {'simulated':>9}" for _ in names))
+    idle = {k: [med(s["wall"] - s["busy"] for s in gathered[r][k]) for r in range(pp)] for k in names}
+    walls = {k: med(med(s["wall"] for s in gathered[r][k]) for r in range(pp)) for k in names}
+    rows = [(str(r), [idle[k][r] for k in names], [sims[k].idle[r] for k in names]) for r in range(pp)]
+    rows += [("bubble", [max(idle[k]) for k in names], [sims[k].bubble for k in names]),
+             ("step", [walls[k] for k in names], [sims[k].makespan for k in names])]
+    for label, measured, simulated in rows:
+        print(f"{label:>6} | " + " | ".join(f"{ms(a):>9} {ms(b):>9}" for a, b in zip(measured, simulated)))
+    for a, b in ((names[0], names[2]), (names[1], names[2]), (names[1], names[0])):
+        print(f"{a} / {b} step time: measured {walls[a] / walls[b]:.2f}, simulated "
+              f"{sims[a].makespan / sims[b].makespan:.2f}")
 
 
 def _bench_one_stage(args, batch_size, seq_len, chunks, cuda):
-    """One stage (the second of four) on one process: F, B, the split B and W, and the bubbles simulate()
-    predicts from them."""
+    """One stage (the second of four) on one process: F, B, the split B and W; through the pieces F, B, and
+    an F&B pair overlapped (the F of one chunk interleaved with the B of another, W inside, in the
+    profile's order) against F then B; and the bubbles simulate() predicts from these times."""
     import statistics
 
     import dualpipe
@@ -400,6 +424,7 @@ def _bench_one_stage(args, batch_size, seq_len, chunks, cuda):
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     h0 = torch.randn(batch_size, seq_len, args.dim, device=device)
     grad = torch.randn_like(h0)
+    streams = dualpipe.Streams(device)
 
     def forward():
         h = h0.clone().requires_grad_()
@@ -409,43 +434,67 @@ def _bench_one_stage(args, batch_size, seq_len, chunks, cuda):
                  if t.requires_grad]
         return h, [t for t, _ in roots], [g for _, g in roots]
 
+    def forward_pieces():                           # the tape, its stepper, and the B it will need
+        tape = dualpipe.Tape(streams)
+        return tape, dualpipe.Forward(stage.pieces(tape, h0.clone().requires_grad_()))
+
+    def seed(tape, fwd):
+        out, parts = fwd.result
+        tape.seed(out, grad)
+        for b in parts["balances"]:
+            tape.seed(b, torch.ones_like(b))
+
     def clock():
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
+    none = dualpipe.Forward(iter(()))
     _header(f"pipeline, one process: stage {stage.index} of {num_stages} ({len(stage.layers)} block(s)) of "
             f"{args.n_layers}-layer model, batch {batch_size} x {seq_len}, {device.type}")
-    times = {k: [] for k in ("F", "B", "Bi", "W")}
-    for i in range(6):                                  # the first round warms up, untimed
+    times = {k: [] for k in ("F", "B", "Bi", "W", "Fp", "Bp", "F&B")}
+
+    def timed(key, fn, *a):                         # fn(*a), its time kept under key after the warm-up round
         t0 = clock()
-        h, roots, grads = forward()
-        t1 = clock()
-        torch.autograd.backward(roots, grads)
-        t2 = clock()
+        out = fn(*a)
+        if warm:
+            times[key].append(clock() - t0)
+        return out
+    for warm in (False,) + (True,) * 5:
+        h, roots, grads = timed("F", forward)
+        timed("B", torch.autograd.backward, roots, grads)
         stage.zero_grad(set_to_none=True)
         h, roots, grads = forward()
-        t3 = clock()
-        _, W = dualpipe.backward_input(roots, grads, [h])
-        t4 = clock()
-        W()
-        t5 = clock()
+        _, W = timed("Bi", dualpipe.backward_input, roots, grads, [h])
+        timed("W", W)
+        with autocast:                              # through the pieces: F, then its B alone
+            tape_a, fwd_a = forward_pieces()
+            timed("Fp", dualpipe.overlapped, fwd_a, dualpipe.Backward(None, False))
+            seed(tape_a, fwd_a)
+            timed("Bp", dualpipe.overlapped, none, dualpipe.Backward(tape_a, False))
+            tape_a, fwd_a = forward_pieces()        # an overlapped pair: F of b with B (and W) of a
+            dualpipe.overlapped(fwd_a, dualpipe.Backward(None, False))
+            seed(tape_a, fwd_a)
+            _, fwd_b = forward_pieces()
+            timed("F&B", dualpipe.overlapped, fwd_b, dualpipe.Backward(tape_a, True))
         stage.zero_grad(set_to_none=True)
-        if i:
-            for k, t in zip(times, (t1 - t0, t2 - t1, t4 - t3, t5 - t4)):
-                times[k].append(t)
     t = {k: statistics.median(v) for k, v in times.items()}
     print(f"F {t['F'] * 1e3:.2f} ms, B {t['B'] * 1e3:.2f} ms (whole backward), split: Bi {t['Bi'] * 1e3:.2f} "
           f"ms (input gradient) + W {t['W'] * 1e3:.2f} ms (weights)")
-    times = {"F": t["F"], "B": t["B"] - t["W"], "W": t["W"], "F&B": t["F"] + t["B"]}
-    print("simulate() with F, B - W, W and F&B = F + B (pairs not overlapped), stages all like this one:")
-    print(f"{'PP':>3} {'chunks':>6} | {'dualpipe bubble':>15} {'makespan':>9} | {'1f1b bubble':>11} "
-          f"{'makespan':>9} (ms)")
+    print(f"through the pieces: F {t['Fp'] * 1e3:.2f} ms, B {t['Bp'] * 1e3:.2f} ms; an F&B pair overlapped "
+          f"{t['F&B'] * 1e3:.2f} ms against F then B {(t['F'] + t['B']) * 1e3:.2f} ms "
+          f"({t['F&B'] / (t['F'] + t['B']):.2f}x)")
+    measured = {"F": t["F"], "B": t["B"] - t["W"], "W": t["W"]}
+    variants = {"dualpipe overlapped": {**measured, "F&B": t["F&B"]},
+                "dualpipe F then B": {**measured, "F&B": t["F"] + t["B"]}}
+    print("simulate() from these times (B - W for the input gradient, F&B as measured overlapped or F + B), "
+          "stages all like this one:")
+    print(f"{'PP':>3} {'chunks':>6} | " + " | ".join(f"{name + ' bubble':>26} {'makespan':>9}"
+                                                     for name in (*variants, "1f1b")) + " (ms)")
     for pp in (4, 8):
         C = chunks or 2 * pp
-        dual = dualpipe.simulate(dualpipe.schedule(pp, C), times)
-        base = dualpipe.simulate(dualpipe.schedule_1f1b(pp, C), times)
-        print(f"{pp:>3} {C:>6} | {dual.bubble * 1e3:>15.2f} {dual.makespan * 1e3:>9.2f} | {base.bubble * 1e3:>11.2f} "
-              f"{base.makespan * 1e3:>9.2f}")
+        sims = [dualpipe.simulate(dualpipe.schedule(pp, C), v) for v in variants.values()]
+        sims.append(dualpipe.simulate(dualpipe.schedule_1f1b(pp, C), variants["dualpipe F then B"]))
+        print(f"{pp:>3} {C:>6} | " + " | ".join(f"{s.bubble * 1e3:>26.2f} {s.makespan * 1e3:>9.2f}" for s in sims))
 
 
 def bench_ep(tokens=4096, dim=7168, topk=8, experts=256, moe_inter=2048, limited=4, local_world=0, iters=10,

@@ -1,7 +1,8 @@
 """
 DualPipe, DeepSeek-V3's bidirectional pipeline schedule (technical report arXiv 2412.19437, section 3.2.1,
-figure 5, table 2), as data, with a simulator and 1F1B beside it as the baseline; and the executor that
-runs either schedule with the model cut into stages (3.2.1, 3.2.3).
+figure 5, table 2), as data, with a simulator and 1F1B beside it as the baseline; the executor that
+runs either schedule with the model cut into stages (3.2.1, 3.2.3); and the overlapped F&B pair, one
+micro-batch's forward interleaved with another's backward piece by piece (3.2.1, figure 4).
 
     schedule(PP, C)         DualPipe: each rank's ordered steps, in the eight phases of DeepSeek's
                             public DualPipe.step() (github.com/deepseek-ai/DualPipe), special cases included
@@ -15,9 +16,13 @@ runs either schedule with the model cut into stages (3.2.1, 3.2.3).
                             parameter names; the first holds the embedding, the last the final norm, the
                             output head, the MTP modules and an embedding for MTP's shifted tokens
     backward_input          B and W: the backward split in two over autograd's graph (zero bubble)
+    Stage.pieces, block_pieces   a stage's forward cut into attention / dispatch / mlp / combine pieces
+    Tape, overlapped        the pieces run and backpropagated one at a time, a pair interleaved in the
+                            order of DeepSeek's training profile (PROFILE_ORDER), Streams for CUDA
     ticks, comm_plan        the executor's clock, and the messages each tick ends with
-    Pipeline                one rank's stages, and step(): one optimizer step's forward and backward
-                            under schedule() or schedule_1f1b(), no optimizer inside
+    Pipeline                one rank's stages; step(): one optimizer step's forward and backward under
+                            schedule() or schedule_1f1b(), no optimizer inside, overlap=True: DualPipe's
+                            pairs through overlapped(); evaluate(): the mean main loss, forward only
 
 The data. Micro-batches enter from both ends: direction 0 flows from rank 0 to rank PP-1, direction 1
 from rank PP-1 to rank 0, C/2 micro-batches ("chunks") each. Rank i holds stage i of direction 0 and
@@ -100,12 +105,67 @@ direction 1 at rank PP-1; only the end ranks read tokens and targets):
                 input gradient (backward_input) and queues the weights' part, which W pops, oldest first
     after       each stage's gradients and router loads summed over its two copies (ranks r and PP-1-r
                 send each other theirs), so update_bias() sees the whole batch; the losses all-reduced
-Simplified: an F&B pair runs as F then B (phase 2b overlaps the two, MoE blocks cut into attention /
-dispatch / experts / combine, communication on its own stream); a step waits for each tick's messages;
+    evaluate    forward only, through direction 0 alone (stage r on rank r under either schedule): at
+                tick t rank r runs micro-batch t - r and sends it on, C + PP - 1 ticks; the last rank's
+                main losses (no MTP; no load counted under no_grad) all-reduced, the same on every rank
+Expert parallelism inside the stages (PP x EP): comm.shard_experts(stage, grid) on each of
+pipe.stages, grid.groups["pp"] the pipeline's group; the members of an ep group sit at one pipeline
+position, so they run the same schedule in lockstep and their all-to-alls come in one order (the tests
+log them); after step(), comm.reduce_gradients(nn.ModuleList(pipe.stages), grid) and update_bias(
+pipe.moe_layers(), gamma, grid.sum_over_dp).
+Simplified: with overlap=False an F&B pair runs as F then B; a step waits for each tick's messages
+(the pipeline's sends are not overlapped with the next pair, as figure 4's PP lane would have them);
 sent activations are kept, not freed; with args.recompute a deferred B computes the weights too (PyTorch
 lets a selectively recomputed region backward once), so W is empty there.
+
+How the overlapped F&B pair is written (3.2.1, figure 4). DeepSeek hides the all-to-alls of expert
+parallelism behind computation by running the forward chunk of one micro-batch and the backward chunk of
+another together: each MoE block is cut into attention, dispatch, MLP (the experts) and combine, and in
+their published training profile (github.com/deepseek-ai/profile-data, train.json: a pair of chunks of
+four MoE layers, EP64) one block of each runs as
+
+    combine(B) attn(F) mlp(B) dispatch(F) dispatch(B) mlp(W) mlp(F) attn(B) attn(W) combine(F)
+
+where B is a piece's backward for its inputs and W for its weights, and dispatch and combine run on a
+communication stream beside the computation, so each all-to-all of one micro-batch moves while the other
+computes. DeepSeek's public DualPipe leaves this step to the model (overlapped_forward_backward, an
+example that runs F then B). Here it takes four small parts:
+    pieces      Stage.pieces: the stage's forward as a Python generator that yields the kind of each
+                piece before running it, so a driver can stop between any two. block_pieces cuts an MoE
+                block into attn (MLA, the residual, the MoE's norm and router: MoE.route, the seam in
+                moe.py), dispatch (the dispatcher's dispatch_async and its wait), mlp (routed and shared
+                experts) and combine (the dispatcher's combine, both residual adds), a dense block into
+                attn and mlp; the same calls MoE.forward and Block.forward make, so the same numbers.
+    the tape    Tape.run hands each piece fresh leaves for its inputs (detach().requires_grad_()): that
+                cuts autograd's graph at the piece, and the piece's backward is an ordinary backward of
+                its own small graph, from its outputs' gradients to its leaves'. The tape sums the
+                gradients a tensor gets from the pieces that read it and hands the sum to the piece
+                that made it, pieces going backward in the reverse of their forward order. A split
+                piece's B is backward_input and its W the rest: the zero-bubble split, piece by piece.
+    the order   overlapped(forward, backward) runs rounds of PROFILE_ORDER. In each round each side runs,
+                at the slots of their kinds, the pieces of its next unit, skipping the kinds it lacks:
+                a dense block's round is attn(F) mlp(B) mlp(W) mlp(F) attn(B) attn(W); the embedding,
+                the output head with the main loss, MTP's embedding, each MTP depth's head and loss and
+                the total loss are units of one piece (an MTP depth's projection M_k opens its block's
+                attention piece). So the i-th unit forward meets the i-th unit from the end backward;
+                the longer of the two stages runs its last units alone. A lone F or B is a pair with an
+                empty side.
+    streams     Streams: on CUDA dispatch and combine run on a stream of their own; a tensor passed
+                between the streams makes the reader wait for its maker's event, and record_stream keeps
+                the caching allocator from handing its memory out while the reader may still use it.
+                With NCCL the all-to-alls then overlap the other micro-batch's compute; gloo's
+                collectives block the host (the same code runs, nothing overlaps); the CPU runs in order.
+Without expert parallelism dispatch and combine are moe.LocalDispatcher's permutations, no all-to-all.
+Pipeline(overlap=True) runs every F and B of DualPipe through the pieces and each pair of schedule()
+through overlapped(); the B of a pair computes its W inside the pair (schedule() defers no paired B's
+W), a lone B with a W later keeps its pieces' Ws for that step. Under recompute each piece backwards
+whole and the W slots are empty. Left as in comm.py: each all-to-all's count exchange syncs the host
+(DeepEP has no such sync), so a dispatch(F) waits on the host for its own attention piece; the split
+B walks autograd's graph in Python, piece by piece (host time, hidden while the GPU has work queued).
 """
 
+import contextlib
+import copy
 import functools
 import math
 import sys
@@ -119,7 +179,7 @@ import torch.nn as nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 import model
-from model import Block, MTPModule, balance_loss, init_weights, output_losses, precompute_rope
+from model import Block, MTPModule, balance_loss, cross_entropy, init_weights, output_losses, precompute_rope
 from moe import MoE
 
 KINDS = ("F", "B", "W")
@@ -454,6 +514,62 @@ class Stage(nn.Module):
             parts["loss"] = parts["main"] + lam * parts["mtp"] + parts["balance"]
         return h, parts
 
+    def pieces(self, tape, h=None, tokens=None, targets=None, lam=None):
+        """forward() cut into pieces run through `tape`, for the overlapped F&B pair: a generator that
+        yields the kind of each piece before it runs it (overlapped() steps it). h: the received hidden
+        state, None on the first stage, which embeds the tokens in a piece of its own. The units, each
+        a round of overlapped(): the embedding (attn), the blocks (block_pieces), then on the last stage
+        the output head and main loss (mlp), the embedding for MTP (attn), per MTP depth its block (its
+        projection M_k inside the attention piece) and its head and loss (mlp), and the total loss (mlp).
+        Returns forward()'s (h, parts), and parts["balances"]: each MoE layer's balance loss, the
+        roots of a stage before the last beside h (parts["balance"], their sum, is then detached)."""
+        T = (tokens if self.first else h).shape[1]
+        if T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.args.max_seq_len}")
+        cos, sin = self.cos[:T], self.sin[:T]
+        if self.first:
+            yield "attn"
+            h = tape.run("attn", self.embed, tokens)
+        x, balances = h, []
+        for layer in self.layers.values():
+            h = yield from block_pieces(layer, tape, (h,), cos, sin, balances)
+        if not (self.last and targets is not None):
+            return h, dict(balance=sum((b.detach() for b in balances), h.new_zeros(())), balances=balances)
+        yield "mlp"
+        main = tape.run("mlp", lambda h: cross_entropy(self.head(self.norm(h)), targets), h)
+        emb = x                     # one stage: its input is the embedding; else MTP embeds the tokens again
+        if self.mtp and not self.first:
+            yield "attn"
+            emb = tape.run("attn", self.embed, tokens)
+        mtp, h_k = [], h
+        for k, module in enumerate(self.mtp, start=1):
+            # depth k: position i sees h^{k-1}_i and token t_{i+k}, and predicts t_{i+k+1} (output_losses)
+            h_k = yield from block_pieces(module.block, tape, (h_k, emb), cos[:T - k], sin[:T - k], balances,
+                                          enter=_mtp_input(module, k))
+            yield "mlp"
+            mtp.append(tape.run("mlp", _mtp_loss(self.head, module, targets[:, k:]), h_k))
+        yield "mlp"
+        lam = self.args.mtp_lambda if lam is None else lam
+        n = len(mtp)
+        loss, mtp, balance = tape.run("mlp", lambda main, *rest: _total(main, rest[:n], rest[n:], lam),
+                                      main, *mtp, *balances)
+        return h, dict(main=main, mtp=mtp, balance=balance, loss=loss, balances=balances)
+
+
+def _mtp_input(module, k):
+    return lambda h_prev, emb: module.project(h_prev[:, :-1], emb[:, k:])  # (B, T-k, D)
+
+
+def _mtp_loss(head, module, targets):
+    return lambda h: cross_entropy(head(module.norm(h)), targets)
+
+
+def _total(main, mtp, balances, lam):
+    """loss = main + lam * mean_k mtp_k + balance, as output_losses and Stage.forward form it."""
+    mtp = torch.stack(mtp).mean() if mtp else main.new_zeros(())
+    balance = sum(balances, main.new_zeros(()))
+    return main + lam * mtp + balance, mtp, balance
+
 
 # -----------------------------------------------------------------------------
 # B and W: the backward split in two (zero bubble, 3.2.1)
@@ -481,13 +597,16 @@ def backward_input(outputs, grads, inputs):
         if weight_side:
             handles.append(node.register_prehook(functools.partial(captured.__setitem__, node)))
             jobs.append((node, _leaves(weight_side)))
-    dx = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], retain_graph=True)
+    dx = ()
+    if inputs:  # an input the outputs do not reach gets None (an overlap piece may not use all it is given)
+        dx = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], retain_graph=True,
+                                 allow_unused=True)
     for handle in handles:
         handle.remove()
     # Whole subgraphs of weights only: an output that does not depend on the inputs, and what lies
     # below an input that is not a leaf (the embedding under its output, on the first stage).
     whole = [(o, g) for o, g in pairs if o.grad_fn not in on_path]
-    whole += [(x, g) for x, g in zip(inputs, dx) if x.grad_fn is not None]
+    whole += [(x, g) for x, g in zip(inputs, dx) if x.grad_fn is not None and g is not None]
 
     def W():
         for node, params in jobs:
@@ -529,6 +648,279 @@ def _leaves(nodes):
                 out.append(node.variable)
             stack += [m for m, _ in node.next_functions if m is not None]
     return out
+
+
+# -----------------------------------------------------------------------------
+# The overlapped F&B pair (3.2.1, figure 4): pieces, a tape that drives autograd piece by piece, two streams
+
+COMM = ("dispatch", "combine")      # the pieces that move rows between the GPUs of an expert-parallel group
+# One MoE block of each micro-batch, in the order of DeepSeek's training profile (github.com/deepseek-ai/
+# profile-data, train.json: a pair of chunks of 4 MoE layers, EP64): F runs a forward piece, B a piece's
+# backward for its inputs, W the same piece's backward for its weights.
+PROFILE_ORDER = (("B", "combine"), ("F", "attn"), ("B", "mlp"), ("F", "dispatch"), ("B", "dispatch"),
+                 ("W", "mlp"), ("F", "mlp"), ("B", "attn"), ("W", "attn"), ("F", "combine"))
+
+
+def overlapped(forward, backward):
+    """Run one micro-batch's forward pieces (a Forward) interleaved with another's backward pieces
+    (a Backward), in rounds of PROFILE_ORDER: in each round each side runs, at the slots of its kinds,
+    the pieces of its next unit (a block; the embedding, the output head, the loss), skipping the kinds
+    the unit has not. A unit's forward pieces come in the order of the slots (attn, dispatch, mlp,
+    combine) and its backward pieces in the reverse, so a round ends a unit on each side; a dense
+    block's round is attn(F), mlp(B), mlp(W), mlp(F), attn(B), attn(W). Either side may be empty: a
+    lone F or B runs its pieces in order."""
+    while forward.next or backward.next:
+        for side, kind in PROFILE_ORDER:
+            if side == "F":
+                forward.run(kind)
+            elif side == "B":
+                backward.run(kind)
+            else:
+                backward.weights(kind)
+
+
+class Forward:
+    """A stage's forward as a generator of pieces (Stage.pieces), run one piece at a time: `next` is the
+    kind of the piece it runs next (None when done), `result` what the generator returned."""
+
+    def __init__(self, pieces):
+        self.pieces, self.result = pieces, None
+        self.next = self._advance()
+
+    def _advance(self):
+        try:
+            return next(self.pieces)
+        except StopIteration as done:
+            self.result = done.value
+            return None
+
+    def run(self, kind):
+        if self.next == kind:
+            self.next = self._advance()
+
+
+class Backward:
+    """A tape's pieces backward, the last first, one at a time. split: each compute piece's backward in
+    two (backward_input), its W queued for weights(kind) or, all of them, for flush(); otherwise each
+    piece's whole backward at once."""
+
+    def __init__(self, tape, split):
+        self.tape, self.split = tape, split
+        self.todo = list(reversed(tape.pieces)) if tape else []
+        self.queued = []                                # (kind, W) in the order of their Bs
+
+    @property
+    def next(self):
+        return self.todo[0].kind if self.todo else None
+
+    def run(self, kind):
+        if self.next == kind:
+            W = self.tape.backward(self.todo.pop(0), self.split)
+            if W is not None:
+                self.queued.append((kind, W))
+
+    def weights(self, kind):
+        for W in [W for k, W in self.queued if k == kind]:
+            W()
+        self.queued = [(k, W) for k, W in self.queued if k != kind]
+
+    def flush(self):
+        for _, W in self.queued:
+            W()
+        self.queued = []
+
+
+class _Piece:
+    """One piece's forward, kept for its backward: its stream, the event that ends it there, its inputs
+    as (tensor given, the leaf the piece read instead), every tensor it made, and those that need a
+    gradient (its outputs in autograd's sense)."""
+
+    def __init__(self, kind, stream):
+        self.kind, self.stream, self.event = kind, stream, None
+        self.inputs, self.made, self.outputs = [], [], []
+
+
+class Tape:
+    """One micro-batch's forward through one stage, run piece by piece and kept for its backward piece
+    by piece: the machinery behind overlapped().
+
+    run(kind, fn, *args) cuts autograd's graph at the piece's inputs: every tensor argument that needs a
+    gradient enters fn as a fresh leaf (detach().requires_grad_()), so the piece's graph stops there.
+    backward(piece) then runs that graph alone, from the gradients of the piece's outputs to those of
+    its leaves. The tape adds each input's gradients up over the pieces that read it (x after the
+    attention feeds the router and the residual add of the combine piece) and hands the sum to the
+    piece that made the tensor, whose backward comes later, pieces going backward in the reverse of
+    their forward order. seed() puts in the gradients from outside: the loss's 1/C, the received
+    activation gradient. The parameters' gradients accumulate in .grad as in any backward; with split
+    they wait for the piece's W (backward_input). Non-tensor arguments (the dispatcher's handle) pass
+    unchanged, and nothing that needs a gradient may reach fn other than through its arguments."""
+
+    def __init__(self, streams):
+        self.streams = streams
+        self.pieces = []
+        self.made_by = {}               # id(tensor) -> (stream, event) where and after which it is ready
+        self.grads = {}                 # id(tensor) -> [(gradient, stream, event)], summed when needed
+
+    def run(self, kind, fn, *args):
+        piece = _Piece(kind, self.streams.of(kind))
+        given = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                self.streams.handover(a, *self.made_by.get(id(a), (None, None)), piece.stream)
+                if a.requires_grad:
+                    leaf = a.detach().requires_grad_()
+                    piece.inputs.append((a, leaf))
+                    a = leaf
+            given.append(a)
+        with self.streams.on(piece.stream):
+            out = fn(*given)
+        piece.event = self.streams.mark(piece.stream)
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, torch.Tensor):
+                piece.made.append(t)
+                self.made_by[id(t)] = (piece.stream, piece.event)
+                if t.requires_grad:
+                    piece.outputs.append(t)
+        self.pieces.append(piece)
+        return out
+
+    def seed(self, t, grad):
+        """A gradient for t from outside the tape (made on the compute stream)."""
+        self.grads.setdefault(id(t), []).append((grad, None, None))
+
+    def gradient(self, t, stream=None):
+        """The sum of t's gradients so far, on `stream` (default: compute), or None; consumed."""
+        stream = stream or self.streams.of("attn")
+        parts = self.grads.pop(id(t), [])
+        for g, made_on, event in parts:
+            self.streams.handover(g, made_on, event, stream)
+        with self.streams.on(stream):
+            return functools.reduce(torch.add, (g for g, _, _ in parts)) if parts else None
+
+    def output(self, t):
+        """t, handed over to the compute stream: what leaves the tape (the stage's output, the losses)."""
+        self.streams.handover(t, *self.made_by.get(id(t), (None, None)), self.streams.of("attn"))
+        return t
+
+    def backward(self, piece, split):
+        """B of one piece: its inputs' gradients from its outputs', added to the tape; returns its W when
+        split (compute pieces only: dispatch and combine have no weights), else None."""
+        pairs = [(t, self.gradient(t, piece.stream)) for t in piece.outputs]
+        pairs = [(t, g) for t, g in pairs if g is not None]
+        leaves = [leaf for _, leaf in piece.inputs]
+        W = None
+        with self.streams.on(piece.stream):
+            if not pairs:
+                dx = [None] * len(leaves)
+            elif split and piece.kind not in COMM:
+                dx, W = backward_input([t for t, _ in pairs], [g for _, g in pairs], leaves)
+            else:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+                dx = [leaf.grad for leaf in leaves]
+        event = self.streams.mark(piece.stream)
+        for (given, _), g in zip(piece.inputs, dx):
+            if g is not None:
+                self.grads.setdefault(id(given), []).append((g, piece.stream, event))
+        for t in piece.made:
+            self.made_by.pop(id(t), None)
+        piece.inputs = piece.made = piece.outputs = None     # the graph lives on in W only
+        return W
+
+
+class Streams:
+    """Where the pieces run (figure 4: computation and communication side by side). On CUDA the compute
+    pieces run on the current stream and dispatch and combine on a stream of their own, so one
+    micro-batch's all-to-all moves while the other micro-batch computes (NCCL enqueues its kernels and
+    returns; under gloo the collectives block the host, so nothing overlaps, but the same streams and
+    events run). A tensor made on one stream and read on the other: the reader waits for the event
+    that ended its maker, and record_stream tells the caching allocator that the reader uses it, so
+    its memory is not handed out again while the reader may still be reading. On the CPU everything
+    runs in order on the host and this does nothing."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.comm = torch.cuda.Stream(device) if self.cuda else None
+
+    def of(self, kind):
+        if not self.cuda:
+            return None
+        return self.comm if kind in COMM else torch.cuda.current_stream(self.device)
+
+    def on(self, stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def mark(self, stream):
+        return stream.record_event() if stream is not None else None
+
+    def handover(self, t, made_on, event, stream):
+        """t (made on made_on, None: the compute stream, ready after event, None: now) is read on stream."""
+        if stream is None:
+            return
+        made_on = made_on or self.of("attn")
+        if made_on == stream:
+            return
+        if event is None:
+            stream.wait_stream(made_on)
+        else:
+            stream.wait_event(event)
+        t.record_stream(stream)
+
+
+def block_pieces(block, tape, inputs, cos, sin, balances, enter=None):
+    """model.Block.forward as pieces through `tape`, a generator as Stage.pieces. An MoE block:
+        attn      x + MLA(x), then the MoE's norm and router (MoE.route): h, idx, g, the balance loss
+        dispatch  h's rows to their experts (the all-to-all under expert parallelism)
+        mlp       the routed experts on the rows that arrived, and the shared experts on h
+        combine   the rows back, gated (eq. 12's sum), plus the shared experts and the residual x
+    A dense block: attn and mlp (x + FFN(x)). enter: makes the block's input from `inputs` inside the
+    attention piece (an MTP module's projection M_k); without it inputs is (x,). The balance loss of
+    an MoE block is appended to balances."""
+    enter = enter or (lambda x: x)
+    moe = block.ffn if isinstance(block.ffn, MoE) else None
+    yield "attn"
+    if moe is None:
+        x = tape.run("attn", lambda *xs: _attention(block, enter(*xs), cos, sin), *inputs)
+        yield "mlp"
+        return tape.run("mlp", lambda x: x + block.ffn(x), x)
+
+    def attention_route(*xs):
+        x = _attention(block, enter(*xs), cos, sin)
+        h, idx, g = moe.route(x.view(-1, x.shape[-1]), x.shape[0])  # (N, D), (N, K), (N, K)
+        return x, h, idx, g, moe.balance_loss
+
+    def dispatch(h, idx, g):            # the wait too: with NCCL it only orders the streams
+        xs, counts, handle = moe.dispatcher.dispatch_async(h, idx, g)()
+        return xs, counts, getattr(handle, "g_rows", None), handle
+
+    def experts(xs, counts, x, h, *x_q):
+        return moe.experts(xs, counts, x_q or None), moe.shared_experts(x.view(-1, x.shape[-1]), h)
+
+    def combine(ys, shared, x, g, g_rows):  # MoE.forward's last lines, then Block.forward's residual
+        y = moe.dispatcher.combine(ys, _gated(handle, g, g_rows))
+        return x + (y + shared).view_as(x)
+    x, h, idx, g, balance = tape.run("attn", attention_route, *inputs)
+    balances.append(balance)
+    yield "dispatch"
+    xs, counts, g_rows, handle = tape.run("dispatch", dispatch, h, idx, g)
+    yield "mlp"
+    ys, shared = tape.run("mlp", experts, xs, counts, x, h, *(handle.x_q or ()))
+    yield "combine"
+    return tape.run("combine", combine, ys, shared, x, g, g_rows)
+
+
+def _attention(block, x, cos, sin):
+    return x + block.attn(x, cos, sin)
+
+
+def _gated(handle, g, g_rows):
+    """The dispatch's handle with the combine piece's own leaves for the gates it applies (g on the token
+    side, g_rows on the experts' side, hierarchical): their gradients then come back through this piece."""
+    handle = copy.copy(handle)
+    handle.g = g
+    if g_rows is not None:
+        handle.g_rows = g_rows
+    return handle
 
 
 # -----------------------------------------------------------------------------
@@ -599,19 +991,22 @@ class Pipeline:
     Parameter there (3.2.3: embedding, output head and MTP on one rank). "1f1b": stage r alone; its last
     stage keeps its own copy of the embedding for MTP, tied to the first stage's: step() sums the two
     copies' gradients, so identical optimizer steps keep the weights equal.
-    group: the pipeline's process group (default: every rank), group rank r holding stage r.
+    group: the pipeline's process group (default: every rank), group rank r holding stage r; with expert
+    parallelism grid.groups["pp"], and comm.shard_experts(stage, grid) on each of stages (module docstring).
     split: blocks per stage (stage_layers() by default). Weights: init_weights(seed) per parameter name,
     or load_state_dict() of a Transformer state dict. No optimizer here; see step() for what it leaves.
+    overlap=True (DualPipe only): every F and B runs through the pieces, and each F&B pair of the
+    schedule as one overlapped pair (overlapped(), figure 4); False: a pair runs as F then B. The two
+    give the same gradients, up to the order of float sums.
     """
 
     def __init__(self, args, schedule="dualpipe", group=None, device="cpu", dtype=None, split=None, seed=0,
                  overlap=False):
         if schedule not in ("dualpipe", "1f1b"):
             raise ValueError(f"schedule must be 'dualpipe' or '1f1b', got {schedule!r}")
-        if overlap:  # phase 2b: MoE blocks cut into attention / dispatch / experts / combine pieces
-            raise NotImplementedError("overlapped F&B pairs are not written yet (issue 10, phase 2b); "
-                                      "the pairs run as F then B (overlap=False)")
-        self.args, self.dualpipe, self.group = args, schedule == "dualpipe", group
+        if overlap and schedule != "dualpipe":
+            raise ValueError("overlap=True needs schedule='dualpipe': 1F1B has no F&B pairs to overlap")
+        self.args, self.dualpipe, self.group, self.overlap = args, schedule == "dualpipe", group, overlap
         self.device = torch.device(device)
         distributed = dist.is_initialized()
         self.rank = dist.get_rank(group) if distributed else 0
@@ -630,7 +1025,10 @@ class Pipeline:
         self.ranks = dist.get_process_group_ranks(group or dist.group.WORLD) if distributed else [0]
         self._owned = {k for k in first.state_dict() if first.first or not k.startswith("embed.")}
         self.plans = {}                     # num_chunks -> (this rank's comm_plan, its deferred Bs)
-        self.timed, self.times = False, []  # timed=True: step() records (action, start, end) in times
+        self.streams = Streams(self.device)  # overlap: the pieces' compute and communication streams
+        # timed=True: step() records in times (actions, start, end) for each action, an overlapped pair as
+        # one entry of its two actions, and ("step", start, end)
+        self.timed, self.times = False, []
 
     # -- the rank's parameters, under the Transformer's names
 
@@ -712,18 +1110,21 @@ class Pipeline:
         run = _Run(micro_x, micro_y, C, self.args.mtp_lambda if lam is None else lam, deferred, self.device)
         message = (*shape, self.args.dim)     # every message: an activation or its gradient, (b, T, D)
         t_start = self._clock()
-        for actions, sends, receives in plan:
-            for action in actions or ():
+        for step, sends, receives in plan:
+            for actions in self._together(step):
                 t0 = self._clock()
-                getattr(self, "_" + action[0])(run, *action[1:])
+                if len(actions) == 2:
+                    self._FB(run, *actions)
+                else:
+                    getattr(self, "_" + actions[0][0])(run, *actions[0][1:])
                 if self.timed:
-                    self.times.append((action, t0, self._clock()))
+                    self.times.append((actions, t0, self._clock()))
             if sends or receives:
                 got = self._p2p([(self._outgoing(run, msg, message), peer) for peer, msg in sends],
                                 [(peer, message, self.dtype) for peer, _ in receives])
                 run.inbox.update(zip((msg for _, msg in receives), got))
         if self.timed:
-            self.times.append((("step",), t_start, self._clock()))
+            self.times.append(("step", t_start, self._clock()))
         assert not (run.saved or run.weight_grads or run.made or run.inbox), "the schedule left work undone"
         self._sum_copies()
         sums = run.sums / C
@@ -731,6 +1132,32 @@ class Pipeline:
             dist.all_reduce(sums, group=self.group)
         main, mtp, balance = sums.unbind()
         return dict(loss=main + run.lam * mtp + balance, main=main, mtp=mtp, balance=balance)
+
+    @torch.no_grad()
+    def evaluate(self, inputs, targets=None, num_chunks=None):
+        """The mean over num_chunks micro-batches of the main loss (eq. 25's L_Main, no MTP), forward only,
+        what model.Transformer gives for each micro-batch averaged; the same on every rank. inputs,
+        targets as for step(). Every micro-batch goes through direction 0 (stage r on rank r, under
+        either schedule): at tick t rank r runs micro-batch t - r and passes it on, PP - 1 + C ticks,
+        the bubble of a forward-only pipeline, which an evaluation can afford. Under no_grad the MoE
+        layers count no load; the stages' current parameters are used (an EMA swapped in, say)."""
+        micro_x, micro_y, shape = self._micro_batches(inputs, targets, num_chunks)
+        C, stage, r = len(micro_x), self.stages[0], self.rank
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        received = None
+        for t in range(C + self.num_ranks - 1):
+            out = None
+            if 0 <= t - r < C:                          # this rank's micro-batch of the tick
+                out, _ = stage(stage.embed(micro_x[t - r]) if stage.first else received)
+                if stage.last:
+                    total += cross_entropy(stage.head(stage.norm(out)), micro_y[t - r]).double()
+            sends = [(out, r + 1)] if out is not None and not stage.last else []
+            receives = [(r - 1, (*shape, self.args.dim), self.dtype)] if r > 0 and 0 <= t - (r - 1) < C else []
+            if sends or receives:
+                received = (self._p2p(sends, receives) or [None])[0]
+        if self.num_ranks > 1:
+            dist.all_reduce(total, group=self.group)    # the last rank's sum, zeros elsewhere
+        return total / C
 
     def _micro_batches(self, inputs, targets, num_chunks):
         """Micro-batch lists of inputs and targets (None where not read) and the micro-batch shape (b, T)."""
@@ -764,11 +1191,20 @@ class Pipeline:
             self.plans[C] = comm_plan(steps, self.rank), {a[1:] for s in steps[self.rank] for a in s if a[0] == "W"}
         return self.plans[C]
 
+    def _together(self, step):
+        """What of a step runs at once: an overlapped pair as one (_FB), else each action alone (a pair as
+        F then B)."""
+        if self.overlap and step and len(step) == 2:
+            return [step]
+        return [(action,) for action in step or ()]
+
     def _micro(self, run, d, c):
         """The micro-batch index of chunk c of direction d."""
         return c + d * run.C // 2 if self.dualpipe else c
 
     def _F(self, run, d, c):
+        if self.overlap:                    # every chunk through the pieces, so that any B can pair
+            return self._FB(run, ("F", d, c), None)
         stage, m = self.stages[d], self._micro(run, d, c)
         h = stage.embed(run.x[m]) if stage.first else run.inbox.pop(("F", d, c)).requires_grad_()
         out, parts = stage(h, run.x[m], run.y[m], run.lam)
@@ -783,6 +1219,8 @@ class Pipeline:
         run.saved[(d, c)] = (h, roots)
 
     def _B(self, run, d, c):
+        if self.overlap:
+            return self._FB(run, None, ("B", d, c))
         stage = self.stages[d]
         h, roots = run.saved.pop((d, c))
         # 1/C on the loss (and on the balance loss of a stage before the last): the mean over micro-batches
@@ -804,6 +1242,64 @@ class Pipeline:
             run.weight_grads.append(((d, c), weight_grad))
         if not stage.first:
             run.made[("B", d, c)] = dx
+
+    def _FB(self, run, f=None, b=None):
+        """overlap=True: the forward of chunk f and the backward of chunk b, each (kind, direction, chunk)
+        or None, through their pieces, interleaved in the profile's order (overlapped()). A paired B
+        computes its weights' gradients inside the pair (W after each piece's B); a lone B defers them
+        when a W of its chunk comes later (zero bubble), else runs each piece's whole backward."""
+        forward = self._forward_pieces(run, *f[1:]) if f else Forward(iter(()))
+        backward = self._backward_pieces(run, *b[1:], paired=f is not None) if b else Backward(None, False)
+        overlapped(forward, backward)
+        if f:
+            self._forwarded(run, *f[1:], forward.result)
+        if b:
+            self._backwarded(run, *b[1:], backward)
+
+    def _forward_pieces(self, run, d, c):
+        stage, m = self.stages[d], self._micro(run, d, c)
+        h = None if stage.first else run.inbox.pop(("F", d, c)).requires_grad_()
+        tape = Tape(self.streams)
+        run.saved[(d, c)] = (h, tape)
+        return Forward(stage.pieces(tape, h, run.x[m], run.y[m], run.lam))
+
+    def _forwarded(self, run, d, c, result):
+        """What an F through the pieces leaves: the roots of its B (as _F), the losses summed, the output."""
+        stage, (h, tape) = self.stages[d], run.saved[(d, c)]
+        out, parts = result
+        if stage.last:
+            roots = [tape.output(parts["loss"])]
+            run.sums[0] += tape.output(parts["main"]).detach()
+            run.sums[1] += tape.output(parts["mtp"]).detach()
+        else:
+            roots = [tape.output(out), *parts["balances"]]
+            run.made[("F", d, c)] = out.detach()
+        run.sums[2] += tape.output(parts["balance"]).detach()
+        run.saved[(d, c)] = (h, tape, roots)
+
+    def _backward_pieces(self, run, d, c, paired):
+        stage = self.stages[d]
+        h, tape, roots = run.saved[(d, c)]
+        if stage.last:                      # 1/C: the mean over micro-batches, as in _B
+            grads = [torch.full_like(roots[0], 1 / run.C)]
+        else:
+            grads = [run.inbox.pop(("B", d, c))] + [torch.full_like(b, 1 / run.C) for b in roots[1:]]
+        for t, g in zip(roots, grads):
+            tape.seed(t, g)
+        # Under recompute every piece backwards whole (a checkpointed region backwards once, see _B)
+        split = (paired or (d, c) in run.deferred) and not self.args.recompute
+        return Backward(tape, split)
+
+    def _backwarded(self, run, d, c, backward):
+        h, tape, _ = run.saved.pop((d, c))
+        assert not backward.todo and not tape.grads.keys() - ({id(h)} if h is not None else set()), \
+            "a piece's gradient was left unused"
+        if (d, c) in run.deferred:
+            run.weight_grads.append(((d, c), backward.flush))
+        else:
+            backward.flush()                # nothing queued: paired Ws ran in the pair, unsplit Bs have none
+        if not self.stages[d].first:
+            run.made[("B", d, c)] = tape.gradient(h)
 
     def _outgoing(self, run, msg, shape):
         t = run.made.pop(msg)

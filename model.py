@@ -19,7 +19,8 @@ Implementation switches, as module-level choices so tests can hold one path agai
 Seams for later work: every Linear inside the blocks is built by `linear_cls(args)`, so FP8 swaps
 in there (fp8.py); the MoE layer takes a dispatcher (comm.py); `Block.forward` is attention then
 feed-forward, and MoE.forward is gate -> dispatch -> experts -> combine, the pieces a pipeline
-schedule overlaps (dualpipe.py).
+schedule overlaps (dualpipe.block_pieces); MTPModule.project and cross_entropy are the MTP input and
+the loss those pieces share with output_losses.
 
 Simplified against the paper: no tensor parallelism (neither has V3; expert parallelism is comm.py's,
 installed into a built model by comm.shard_experts); the attention core is PyTorch's
@@ -360,9 +361,12 @@ class MTPModule(nn.Module):
         self.block = Block(layer_id, args)  # TRM_k
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)  # before the shared output head
 
+    def project(self, h_prev, emb):
+        """M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] (eq. 21): the input of TRM_k, (B, T-k, D)."""
+        return self.proj(torch.cat([self.e_norm(emb), self.h_norm(h_prev)], -1))
+
     def forward(self, h_prev, emb, cos, sin):
-        h = self.proj(torch.cat([self.e_norm(emb), self.h_norm(h_prev)], -1))  # (B, T-k, D)
-        return self.block(h, cos, sin)
+        return self.block(self.project(h_prev, emb), cos, sin)
 
 
 class Transformer(nn.Module):
@@ -452,14 +456,18 @@ def output_losses(logits, h, emb, targets, head, mtp_modules, cos, sin):
     """(main, mtp): the cross-entropy of the main model's logits, and the mean over the MTP depths
     of theirs (eqs. 24-25). h: the last block's output (B, T, D), emb: the token embeddings."""
     T = h.shape[1]
-    main = F.cross_entropy(fp32_or_wider(logits).flatten(0, 1), targets.flatten(), ignore_index=-1)
+    main = cross_entropy(logits, targets)
     mtp = []
     for k, module in enumerate(mtp_modules, start=1):
         # depth k: position i sees h^{k-1}_i and token t_{i+k}, and predicts t_{i+k+1}
         h = module(h[:, :-1], emb[:, k:], cos[:T - k], sin[:T - k])  # (B, T-k, D)
-        logits_k = head(module.norm(h))
-        mtp.append(F.cross_entropy(fp32_or_wider(logits_k).flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1))
+        mtp.append(cross_entropy(head(module.norm(h)), targets[:, k:]))
     return main, torch.stack(mtp).mean() if mtp else main.new_zeros(())
+
+
+def cross_entropy(logits, targets):
+    """The mean next-token cross-entropy of (B, T, V) logits against (B, T) targets, -1 ignored, in FP32."""
+    return F.cross_entropy(fp32_or_wider(logits).flatten(0, 1), targets.flatten(), ignore_index=-1)
 
 
 def balance_loss(blocks, like):

@@ -22,8 +22,10 @@ Seams: `Experts` is where FP8 grouped GEMMs plug in (fp8.py; `x_q` takes rows th
 FP8); the dispatcher is an object with `dispatch` / `combine`, and expert parallelism (comm.py)
 swaps in an all-to-all one: when it has `dispatch_async`, MoE.forward starts the transfer, runs
 the shared experts while the rows travel, and lets its combine apply the gates (eq. 12's sum,
-formed on the way back); `MoE.forward` is a short sequence of calls that a pipeline scheduler can
-cut into attention / dispatch / experts / combine pieces.
+formed on the way back); `MoE.forward` is a short sequence of calls (MoE.route: norm, router, load,
+balance loss; dispatch; experts; combine) that dualpipe.block_pieces cuts into attention / dispatch /
+experts / combine pieces. A handle keeps the gates its combine applies in `handle.g` (comm.py's also
+`g_rows`), so a driver that runs each piece on leaves of its own can put its leaves there.
 
 Simplified: no token is ever dropped (neither does V3); the router runs in FP32.
 """
@@ -238,15 +240,23 @@ class MoE(nn.Module):
             return recompute(lambda x: self.shared(self.norm(x)), x, keep=MATMULS)
         return self.shared(h)
 
-    def forward(self, x):
-        B, T, D = x.shape
-        x = x.view(B * T, D)
+    def route(self, x, B):
+        """x: (N, D), the tokens of B sequences -> h = norm(x) (N, D), the chosen experts idx (N, K) and
+        their gates g (N, K); counts the load (under grad) and sets self.balance_loss. The part of
+        forward before the dispatch (a pipeline's attention piece ends with it, dualpipe.py)."""
         # The RMSNorm output is not stored: only the GEMM outputs in this region are.
         h, s = recompute(self.norm_score, x, keep=MATMULS, enabled=self.args.recompute)
         idx, g = self.gate.route(s)  # (N, K), (N, K)
         if torch.is_grad_enabled():  # a training step: count the load for update_bias()
             self.load += tokens_per_expert(idx.flatten(), self.load.numel())
-        self.balance_loss = sequence_balance_loss(s.view(B, T, -1), idx.view(B, T, -1), self.args.balance_alpha)
+        self.balance_loss = sequence_balance_loss(s.view(B, -1, s.shape[-1]), idx.view(B, -1, idx.shape[-1]),
+                                                  self.args.balance_alpha)
+        return h, idx, g
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.view(B * T, D)
+        h, idx, g = self.route(x, B)
         wait = self.dispatcher.dispatch_async(h, idx, g)  # comm.py: the rows travel meanwhile...
         shared = self.shared_experts(x, h)  # ...while the shared experts compute
         xs, counts, handle = wait()  # (M, D) sorted by (local) expert

@@ -290,6 +290,7 @@ import random
 
 import torch
 
+import comm
 import model
 from dualpipe import Pipeline, Stage, backward_input, comm_plan, stage_layers, ticks
 
@@ -492,8 +493,8 @@ def test_pipeline_on_one_process_is_grad_accumulation():
 
 
 def test_pipeline_refuses_what_it_cannot_run():
-    with pytest.raises(NotImplementedError, match="phase 2b"):
-        Pipeline(tiny(), overlap=True)
+    with pytest.raises(ValueError, match="overlap=True needs schedule='dualpipe'"):
+        Pipeline(tiny(), "1f1b", overlap=True)
     with pytest.raises(ValueError, match="schedule must be 'dualpipe' or '1f1b'"):
         Pipeline(tiny(), "gpipe")
     with pytest.raises(ValueError, match=r"num_ranks \(PP\) must be an even integer >= 2, got 1"):
@@ -507,55 +508,302 @@ def test_pipeline_refuses_what_it_cannot_run():
         pipe.step(torch.zeros(5, 8, dtype=torch.long), torch.zeros(5, 8, dtype=torch.long), 2)
 
 
-def run_pipeline_worker(tmp_path, nproc, device="cpu"):
+def test_evaluate_on_one_process_is_the_transformers_mean_main_loss():
+    args = tiny()
+    ref = model.Transformer(args).double()
+    pipe = Pipeline(args, "1f1b", dtype=torch.float64)
+    pipe.load_state_dict(ref.state_dict())
+    x, y = fresh_tokens(6)
+    with torch.no_grad():
+        want = torch.stack([ref(a, b)[1]["main"] for a, b in zip(x.tensor_split(3), y.tensor_split(3))]).mean()
+    got = pipe.evaluate(x, y, 3)
+    assert got.item() == pytest.approx(want.item(), rel=1e-15) and got.dtype == torch.float64
+    assert all(m.load.sum() == 0 for m in pipe.moe_layers())       # no grad, no load counted
+    assert all(p.grad is None for p in pipe.parameters())
+    with torch.no_grad():                                           # the parameters of the moment (an EMA's)
+        pipe.stages[0].head.weight.mul_(2)
+    assert pipe.evaluate(x, y, 3).item() != pytest.approx(want.item(), rel=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# The overlapped F&B pair: pieces through a tape against plain autograd (one process)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+def assert_rounding_apart(got, want, name):
+    """float64 sums of the same terms in another order: within 1e-13 of the tensor's largest entry."""
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert want.abs().max() > 0 and err <= 1e-13, f"{name}: {err:.2e}"
+
+
+def log_pieces(monkeypatch):
+    """The order in which tapes run their pieces: ("F", kind) per forward piece, ("B", kind) per piece's
+    backward, ("W", kind) per W it left."""
+    log, run, backward = [], dualpipe.Tape.run, dualpipe.Tape.backward
+
+    def logged_run(self, kind, fn, *args):
+        log.append(("F", kind))
+        return run(self, kind, fn, *args)
+
+    def logged_backward(self, piece, split):
+        log.append(("B", piece.kind))
+        W = backward(self, piece, split)
+        return W and (lambda: (log.append(("W", piece.kind)), W()))
+    monkeypatch.setattr(dualpipe.Tape, "run", logged_run)
+    monkeypatch.setattr(dualpipe.Tape, "backward", logged_backward)
+    return log
+
+
+def count_backward_transfers(monkeypatch):
+    """Calls of comm.py's routes' backward transfers, by name."""
+    calls = Counter()
+    for route in (comm.FlatRoute, comm.HierarchicalRoute):
+        for name in ("dispatch_grad", "combine_grad"):
+            def counted(self, *a, _plain=getattr(route, name), _name=name):
+                calls[_name] += 1
+                return _plain(self, *a)
+            monkeypatch.setattr(route, name, counted)
+    return calls
+
+
+def moe_block(kind, args):
+    layer = model.Block(0 if kind == "dense" else 1, args)
+    model.init_weights(layer, args, seed=3)
+    with torch.no_grad():
+        if kind != "dense":
+            layer.ffn.gate.bias.normal_(0, 0.05)                    # routing steered by the biases too
+    if kind in ("flat", "hierarchical"):                            # comm.py's dispatcher, a group of one
+        layer.ffn.dispatcher = comm.AllToAllDispatcher(comm.Grid.single(), args.n_routed_experts,
+                                                       hierarchical=kind == "hierarchical")
+    return layer
+
+
+def plain_step(layer, x, grad, cos, sin):
+    """Block.forward, then backward of <out, grad> + 0.5 * balance loss: out, dL/dx."""
+    x = x.clone().requires_grad_()
+    out = layer(x, cos, sin)
+    balance = [layer.ffn.balance_loss] if isinstance(layer.ffn, dualpipe.MoE) else []
+    half = torch.tensor(0.5, dtype=grad.dtype, device=grad.device)
+    torch.autograd.backward([out] + balance, [grad] + [half] * len(balance))
+    return out.detach(), x.grad
+
+
+def piece_forward(layer, x, cos, sin, streams):
+    tape, balances, x = dualpipe.Tape(streams), [], x.clone().requires_grad_()
+    return tape, x, dualpipe.Forward(dualpipe.block_pieces(layer, tape, (x,), cos, sin, balances)), balances
+
+
+def seed(tape, forward, balances, grad):
+    tape.seed(forward.result, grad)
+    for b in balances:
+        tape.seed(b, torch.tensor(0.5, dtype=grad.dtype, device=grad.device))
+
+
+# One round of overlapped(). An MoE block: the order of DeepSeek's training profile (profile-data's
+# train.json, read with its user annotations): combine(B), attn(F), mlp(B), dispatch(F), dispatch(B),
+# mlp(W), mlp(F), attn(B), attn(W), combine(F). Under recompute no W is split off; a dense block has
+# attention and MLP only.
+PROFILE = [("B", "combine"), ("F", "attn"), ("B", "mlp"), ("F", "dispatch"), ("B", "dispatch"), ("W", "mlp"),
+           ("F", "mlp"), ("B", "attn"), ("W", "attn"), ("F", "combine")]
+ROUNDS = {"moe": PROFILE, "recompute": [s for s in PROFILE if s[0] != "W"],
+          "dense": [("F", "attn"), ("B", "mlp"), ("W", "mlp"), ("F", "mlp"), ("B", "attn"), ("W", "attn")]}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["local", "flat", "hierarchical", "recompute", "dense"])
+def test_pieces_in_the_profiles_order_give_the_gradients_of_backward_then_forward(kind, device, monkeypatch):
+    """Two micro-batches a and b through one block (MoE: local, comm.py's flat and hierarchical
+    dispatchers with a group of one, recompute; dense). Pieces: a's forward, then a's backward
+    interleaved with b's forward in the profile's order (one round of overlapped()), then b's backward.
+    Plain: a's forward and backward, then b's. The forward is the same computation, so the same bits
+    (on the CPU); the gradients are sums of the same terms, h's three (router, dispatch, shared
+    experts) added in another order than autograd's: equal but for float64 rounding."""
+    args = tiny(recompute=kind == "recompute")
+    layer = moe_block(kind, args).to(device, torch.float64)
+    cos, sin = (t[:8].to(device) for t in model.precompute_rope(args))
+    xa, xb, ga, gb = (torch.randn(2, 8, args.dim, dtype=torch.float64, device=device) for _ in range(4))
+    out_a, dx_a = plain_step(layer, xa, ga, cos, sin)
+    after_a = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    out_b, dx_b = plain_step(layer, xb, gb, cos, sin)
+    after_b = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad(set_to_none=True)
+
+    log, streams = log_pieces(monkeypatch), dualpipe.Streams(torch.device(device))
+    transfers = count_backward_transfers(monkeypatch)
+    tape_a, leaf_a, fwd_a, bal_a = piece_forward(layer, xa, cos, sin, streams)
+    dualpipe.overlapped(fwd_a, dualpipe.Backward(None, False))
+    seed(tape_a, fwd_a, bal_a, ga)
+    tape_b, leaf_b, fwd_b, bal_b = piece_forward(layer, xb, cos, sin, streams)
+    del log[:]
+    dualpipe.overlapped(fwd_b, dualpipe.Backward(tape_a, split=kind != "recompute"))
+    assert log == ROUNDS[{"dense": "dense", "recompute": "recompute"}.get(kind, "moe")]
+    for got, want in ((fwd_a.result, out_a), (fwd_b.result, out_b)):   # CUDA: its kernels' own order
+        assert torch.equal(got, want) if device == "cpu" else torch.allclose(got, want, rtol=1e-13, atol=0)
+    assert_rounding_apart(tape_a.gradient(leaf_a), dx_a, "dx")
+    for name, p in layer.named_parameters():                    # a's B and W both ran inside the pair
+        assert_rounding_apart(p.grad, after_a[name], name)
+    seed(tape_b, fwd_b, bal_b, gb)
+    dualpipe.overlapped(dualpipe.Forward(iter(())), dualpipe.Backward(tape_b, split=False))
+    assert_rounding_apart(tape_b.gradient(leaf_b), dx_b, "dx")
+    for name, p in layer.named_parameters():
+        assert_rounding_apart(p.grad, after_b[name], name)
+    assert not tape_a.grads and not tape_b.grads and not tape_a.made_by and not tape_b.made_by
+    # each piece backwards its own graph: one transfer back per micro-batch, in dispatch(B) and combine(B)
+    assert transfers == ({"dispatch_grad": 2, "combine_grad": 2} if kind in ("flat", "hierarchical") else {})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_whole_stage_through_the_pieces_is_the_transformer(device):
+    """The whole model as one stage (embedding, dense and MoE blocks, output head, MTP, the loss) through
+    the pieces, b's forward overlapped with a's backward (deferred W, then flushed), against
+    model.Transformer's forward and backward of a, then of b: the losses' bits, the gradients."""
+    args = tiny()
+    ref = model.Transformer(args).to(device, torch.float64)
+    stage = Stage(args, 0, 1).to(device, torch.float64)
+    stage.load_state_dict(ref.state_dict())
+    x, y = (t.to(device) for t in fresh_tokens(4))
+    (xa, xb), (ya, yb) = x.tensor_split(2), y.tensor_split(2)
+    want = []
+    for xm, ym in ((xa, ya), (xb, yb)):
+        _, parts = ref(xm, ym, lam=0.3)
+        (parts["loss"] / 2).backward()
+        want.append(parts)
+    streams, half = dualpipe.Streams(torch.device(device)), torch.tensor(0.5, dtype=torch.float64, device=device)
+    tapes = [dualpipe.Tape(streams) for _ in range(2)]
+    fwd = [dualpipe.Forward(stage.pieces(t, None, xm, ym, 0.3)) for t, xm, ym in zip(tapes, (xa, xb), (ya, yb))]
+    dualpipe.overlapped(fwd[0], dualpipe.Backward(None, False))
+    tapes[0].seed(fwd[0].result[1]["loss"], half)
+    backward_a = dualpipe.Backward(tapes[0], split=True)
+    dualpipe.overlapped(fwd[1], backward_a)
+    backward_a.flush()
+    tapes[1].seed(fwd[1].result[1]["loss"], half)
+    dualpipe.overlapped(dualpipe.Forward(iter(())), dualpipe.Backward(tapes[1], split=False))
+    for f, parts in zip(fwd, want):
+        for k in ("loss", "main", "mtp", "balance"):
+            assert f.result[1][k].item() == pytest.approx(parts[k].item(), rel=1e-15, abs=0), k
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    for name, p in stage.named_parameters():
+        assert_rounding_apart(p.grad, grads[name], name)
+
+
+# -----------------------------------------------------------------------------
+# The executor under torchrun (gloo), against one process
+
+def run_pipeline_worker(tmp_path, nproc, device="cpu", dtype="float64", ep=1):
     seed = random.randrange(2 ** 31)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        str(ROOT / "tests" / "pipeline_worker.py"), str(tmp_path), str(seed), device],
+                        str(ROOT / "tests" / "pipeline_worker.py"), str(tmp_path), str(seed), f"--device={device}",
+                        f"--dtype={dtype}", f"--ep={ep}"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, f"seed {seed}: " + p.stderr[-3000:]
     return seed, [torch.load(tmp_path / f"rank{r}.pt", map_location="cpu", weights_only=False) for r in range(nproc)]
 
 
-@pytest.mark.parametrize("pp, device", [(2, "cpu"), (4, "cpu"),
-                                        pytest.param(2, "cuda", marks=pytest.mark.skipif(
-                                            not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_pipeline_step_under_torchrun_is_the_single_process_step(tmp_path, pp, device):
-    """DualPipe and 1F1B on PP gloo processes against model.Transformer on one (float64, the same weights
-    and micro-batches as grad accumulation): losses, every copy's gradient, the gradient norm and the
-    clipped gradients, the router loads and the biases update_bias makes from them. On CUDA both ranks
-    share the GPU and gloo's point-to-point goes through the CPU."""
-    seed, ranks = run_pipeline_worker(tmp_path, pp, device)
+# How far a pipeline's numbers may be from one process's. float64: the same sums in other orders,
+# elementwise. float32 (the CUDA check): unit roundoff 6e-8; the pipeline adds each parameter's
+# micro-batch and stage-copy gradients, and the overlapped pair its pieces' gradients, in other orders
+# than grad accumulation: measured on the CPU in float32, up to 8e-7 of a tensor's largest entry (3
+# seeds); CUDA's index_add (the backward of the rows' gather) adds in the order its atomics land: 1e-5.
+# The forward is the same computation on both sides, so the routing, the loads and the biases are equal.
+REL = {"float64": 1e-13, "float32": 1e-6}
+
+
+def assert_grad_close(got, want, dtype, msg):
+    if dtype == "float64":
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15, msg=msg)
+    else:
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), msg
+
+
+@pytest.mark.parametrize("pp, device, dtype", [(2, "cpu", "float64"), (4, "cpu", "float64"),
+                                               pytest.param(2, "cuda", "float32", marks=CUDA)])
+def test_pipeline_step_under_torchrun_is_the_single_process_step(tmp_path, pp, device, dtype):
+    """DualPipe (pairs as F then B, and overlapped) and 1F1B on PP gloo processes against
+    model.Transformer on one (the same weights and micro-batches as grad accumulation): losses, every
+    copy's gradient, the gradient norm and the clipped gradients, the router loads and the biases
+    update_bias makes from them, and evaluate()'s mean main loss. On CUDA every rank shares cuda:0,
+    gloo's point-to-point goes through the CPU and the overlapped pairs use the communication stream."""
+    seed, ranks = run_pipeline_worker(tmp_path, pp, device, dtype)
     variants = [k for k in ranks[0] if k[1] != "single"]
-    assert variants == [("", "dualpipe"), ("", "1f1b")] + ([("recompute", "dualpipe")] if pp == 2 else [])
+    assert variants == [("", "dualpipe"), ("", "dualpipe-overlap"), ("", "1f1b")] + (
+        [("recompute", "dualpipe"), ("recompute", "dualpipe-overlap")] if pp == 2 else [])
     for variant, kind in variants:
         want = ranks[0][(variant, "single")]
         where = f"seed {seed}, {variant or 'plain'} {kind}"
-        seen = set()
+        dual, seen = kind.startswith("dualpipe"), set()
         for r, saved in enumerate(ranks):
             got = saved[(variant, kind)]
-            assert got["stages"] == ([r, pp - 1 - r] if kind == "dualpipe" else [r])
+            assert got["stages"] == ([r, pp - 1 - r] if dual else [r])
             for k, v in want["losses"].items():
-                assert got["losses"][k] == pytest.approx(v, rel=1e-13, abs=1e-15), (where, k)
+                assert got["losses"][k] == pytest.approx(v, rel=REL[dtype], abs=1e-15), (where, k)
+            assert got["evaluated"] == pytest.approx(want["evaluated"], rel=REL[dtype], abs=0), where
             for name, g in got["grads"].items():
-                torch.testing.assert_close(g, want["grads"][name], rtol=1e-12, atol=1e-15, msg=f"{where}: {name}")
-                torch.testing.assert_close(got["clipped"][name], want["clipped"][name], rtol=1e-12, atol=1e-15)
-                if kind == "dualpipe":                   # the two copies of a stage: the same bits
+                assert_grad_close(g, want["grads"][name], dtype, f"{where}: {name}")
+                assert_grad_close(got["clipped"][name], want["clipped"][name], dtype, f"{where}: clipped {name}")
+                if dual:                                 # the two copies of a stage: the same bits
                     assert torch.equal(g, ranks[pp - 1 - r][(variant, kind)]["grads"][name]), (where, name)
-            torch.testing.assert_close(got["norm"], want["norm"], rtol=1e-13, atol=0)
+            torch.testing.assert_close(got["norm"], want["norm"], rtol=REL[dtype], atol=0)
             assert got["norm"] > 0.05                    # so clipping scaled the gradients
             for name, load in got["loads"].items():
                 assert torch.equal(load, want["loads"][name]), (where, name)
                 assert torch.equal(got["biases"][name], want["biases"][name]), (where, name)
             seen |= got["grads"].keys() | got["loads"].keys()
             end = r in (0, pp - 1)
-            if kind == "dualpipe":                       # the end ranks' two stages share one embedding
+            if dual:                                     # the end ranks' two stages share one embedding
                 assert got["embeds"] == 2 * end and got["shared_embed"] == end
             else:                                        # 1F1B: the last stage's own, tied copy
                 assert got["embeds"] == end and not got["shared_embed"]
             if pp > 2 or kind == "1f1b":
                 assert got["numel"] < want["numel"]
         assert seen == want["grads"].keys() | want["loads"].keys()
+        assert any(b.abs().sum() > 0 for b in want["biases"].values())
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", "float64"), pytest.param("cuda", "float32", marks=CUDA)])
+def test_pipeline_pp2_x_ep2_on_four_processes_is_the_single_process_step(tmp_path, device, dtype):
+    """PP=2 x EP=2 (comm.init(pp=2, ep=2)): two DualPipe pipelines, each stage's experts sharded over the
+    ep group of the two ranks at its pipeline position, one data shard per pipeline, the gradients
+    reduced over dp/edp (comm.reduce_gradients), the biases updated from the loads summed over dp;
+    flat and hierarchical dispatch (every rank its own node), the pairs as F then B and overlapped.
+    Against one process over both shards' micro-batches: each pipeline's losses (its shard's), every
+    gradient (an expert's: the rows this rank holds), the loads summed over dp, the biases, evaluate().
+    The members of an ep group run their all-to-alls in one order, from the same call sites (they run
+    the same schedule in lockstep), and the overlapped step runs the same ones as F then B does."""
+    seed, ranks = run_pipeline_worker(tmp_path, 4, device, dtype, ep=2)
+    want = ranks[0]["single"]
+    C = len(want["per_batch"]) // 2
+    for variant in ("flat", "flat-overlap", "hierarchical", "hierarchical-overlap"):
+        where = f"seed {seed}, {variant}"
+        for r, saved in enumerate(ranks):
+            got = saved[variant]
+            assert got["groups"]["ep"] == got["groups"]["dp"] == [r - r % 2, r - r % 2 + 1]
+            assert got["groups"]["pp"] == [r % 2, r % 2 + 2] and got["dp_rank"] == r % 2
+            assert got["hierarchical"] == variant.startswith("hierarchical")
+            shard = want["per_batch"][got["dp_rank"] * C:(got["dp_rank"] + 1) * C].mean(0)
+            for k, v in zip(("loss", "main", "mtp", "balance"), shard.tolist()):
+                assert got["losses"][k] == pytest.approx(v, rel=REL[dtype], abs=1e-15), (where, k)
+            assert got["evaluated"] == pytest.approx(want["evaluated"], rel=REL[dtype], abs=0), where
+            for name, g in got["grads"].items():
+                full = want["grads"][name]
+                start, stop = got["slices"].get(name, (0, len(full)))
+                assert stop - start == (len(full) // 2 if name in got["slices"] else len(full))
+                assert_grad_close(g, full[start:stop], dtype, f"{where}: {name}")
+            partner = ranks[got["groups"]["dp"][1 - r % 2]][variant]
+            for name, load in got["loads"].items():
+                assert torch.equal(load + partner["loads"][name], want["loads"][name]), (where, name)
+                assert torch.equal(got["biases"][name], want["biases"][name]), (where, name)
+            assert got["all_to_alls"] and got["all_to_alls"] == partner["all_to_alls"], where
+            group = got["groups"]["rail" if got["hierarchical"] else "ep"]   # hierarchical: the node hop has one rank
+            assert {ranks_ for _, ranks_ in got["all_to_alls"]} == {tuple(group)}, where
+        if variant.endswith("overlap"):             # the same transfers as the pairs run as F then B
+            for r in range(4):
+                assert Counter(ranks[r][variant]["all_to_alls"]) == Counter(
+                    ranks[r][variant.removesuffix("-overlap")]["all_to_alls"]), where
+        experts = [n for n in want["grads"] if ".experts." in n]
+        assert experts and all(n in ranks[0][variant]["slices"] for n in experts)
         assert any(b.abs().sum() > 0 for b in want["biases"].values())
 
 
@@ -570,8 +818,23 @@ def test_bench_pipeline_one_process_prints_the_simulated_bubbles():
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [line.split() for line in p.stdout.splitlines() if line.split()[:1] in (["4"], ["8"])]
     assert [r[:2] for r in rows] == [["4", "8"], ["8", "16"]]
-    for r in rows:                                   # DualPipe's bubble and makespan below 1F1B's
-        dual_bubble, dual_span, base_bubble, base_span = float(r[3]), float(r[4]), float(r[6]), float(r[7])
-        assert 0 < dual_bubble < base_bubble and dual_span < base_span
+    for r in rows:         # overlapped, F then B, 1F1B: DualPipe's bubble and makespan (F then B) below 1F1B's
+        (ovl_bubble, ovl_span), (dual_bubble, dual_span), (base_bubble, base_span) = (
+            (float(r[i]), float(r[i + 1])) for i in (3, 6, 9))
+        assert 0 < dual_bubble < base_bubble and dual_span < base_span and 0 < ovl_bubble < ovl_span
+    pair = next(line for line in p.stdout.splitlines() if "an F&B pair overlapped" in line)
+    assert float(pair.split("overlapped ")[1].split()[0]) > 0
     p = bench("--overlap=1")
-    assert p.returncode == 1 and "phase 2b" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 1 and "unknown ModelArgs key(s) ['overlap']" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bench_pipeline_under_torchrun_times_both_pair_kinds_and_1f1b():
+    p = bench("--seq_len=16", "--batch_size=1", "--steps=1", nproc=2)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert "PP=2 (gloo, cpu), 4 micro-batches of 1 x 16" in lines[0]
+    table = lines[lines.index(next(x for x in lines if x.split()[:1] == ["rank"])):]
+    for label in ("0", "1", "bubble", "step"):         # measured and simulated, for each of the three
+        row = next(x for x in table if x.split()[:1] == [label])
+        assert len([float(v) for v in row.replace("|", " ").split()[1:]]) == 6
+    assert any(x.startswith("dualpipe overlapped / dualpipe step time: measured") for x in lines)
