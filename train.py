@@ -792,6 +792,9 @@ def main(argv=None):
                     grid.all_reduce(losses, "dp")
                     losses /= dp
                     dist.all_reduce(traffic, group=CONTROL)
+                    maxvio = torch.tensor(rec["maxvio"])  # pipeline stages hold different MoE layers
+                    dist.all_reduce(maxvio, op=dist.ReduceOp.MAX, group=CONTROL)
+                    rec["maxvio"] = maxvio.item()
                 loss, main, mtp, balance = losses.tolist()
                 tps = steps_since * tokens_per_step / (time.time() - t0)
                 rec = dict(step=step + 1, loss=loss, main=main, mtp=mtp, balance=balance,

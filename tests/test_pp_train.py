@@ -1,0 +1,33 @@
+"""train.py with pipeline parallelism under torchrun (gloo, CPU): DualPipe and 1F1B follow the
+single-process run on the same micro-batches, alone and with expert parallelism, and a checkpoint
+written by the pipeline resumes on one process and continues the same curve."""
+
+import pytest
+import torch
+
+from test_ddp import train_py
+from test_ep_train import assert_same_curve, corpus
+from test_train import train_steps, vals
+
+
+@pytest.mark.parametrize("pipeline", ["dualpipe", "1f1b"])
+def test_pp2_follows_one_process_and_resumes_on_one(tmp_path, pipeline):
+    common = [*corpus(tmp_path), "--max_iters=6", "--eval_interval=3", "--ema_interval=2", "--batch_size=1",
+              "--grad_accum=4"]
+    one = train_py(tmp_path / "one", *common)
+    pp = train_py(tmp_path / "pp", *common, "--pp=2", f"--pipeline={pipeline}", "--stop_iter=3", nproc=2)
+    assert_same_curve(one, pp, range(1, 4))
+    torch.testing.assert_close(vals(one)[3], vals(pp)[3], rtol=2e-4, atol=2e-5)  # evaluation, EMA included
+    resumed = train_py(tmp_path / "pp", "--resume", "--pp=1")  # the pipeline's checkpoint on one process
+    assert sorted(train_steps(resumed)) == list(range(1, 7))
+    assert_same_curve(one, resumed, range(4, 7))
+
+
+def test_pp4_and_pp2_with_ep2(tmp_path):
+    """DualPipe over four stages; and two stages, each expert parallel over two ranks (4 processes)."""
+    common = [*corpus(tmp_path), "--n_layers=4", "--max_iters=3", "--eval_interval=3", "--batch_size=1",
+              "--grad_accum=8"]
+    one = train_py(tmp_path / "one", *common)
+    # pp=2 x ep=2: 2 data-parallel ranks x 4 micro-batches, the same 8 windows per step
+    for name, layout in [("pp4", ["--pp=4"]), ("pp2ep2", ["--pp=2", "--ep=2", "--grad_accum=4"])]:
+        assert_same_curve(one, train_py(tmp_path / name, *common, *layout, nproc=4), range(1, 4))
