@@ -68,6 +68,7 @@ def test_train_refuses_bad_data_at_start_up(tmp_path, corpus):
 def test_clamps_say_what_they_did(tmp_path, corpus, capsys):
     run(tmp_path, corpus, "--max_iters=2", "--eval_interval=2", "--seq_len=40", "--max_seq_len=32")
     out = capsys.readouterr().out
+    assert re.search(r"step 2: main loss \d\.\d{4} \(total \d", out)  # the main loss leads, not the total
     assert "--seq_len=40 is longer than the preset's max_seq_len=32; max_seq_len raised to 40" in out
     assert "warmup_iters=3 is not shorter than max_iters=2" in out
     sample.main([f"--ckpt={tmp_path}", "--prompt=KING:", "--max_new_tokens=100", "--device=cpu"])

@@ -4,6 +4,7 @@ device, and two simulated nodes train with the hierarchical dispatch and node-li
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 import data
 import sample
 from test_ddp import ROOT, train_py
-from test_train import TINY, train_steps, vals
+from test_train import TINY, assert_same_checkpoints, train_steps, vals
 
 CLOSE = dict(rtol=2e-4, atol=2e-5)  # the same sums in another order (float32)
 
@@ -40,6 +41,13 @@ def test_ep2_follows_one_process_resumes_with_ep1_and_samples(tmp_path, capsys):
     # sample.py reads the expert-parallel checkpoint (each rank wrote its experts) on one device
     sample.main([f"--ckpt={tmp_path / 'ep'}", "--prompt=KING:", "--max_new_tokens=5", "--device=cpu"])
     assert capsys.readouterr().out.startswith("KING:")
+
+    # resumed on the same layout it continues bit for bit, like the uninterrupted run
+    shutil.copytree(tmp_path / "ep", tmp_path / "ep_again")
+    again = train_py(tmp_path / "ep_again", "--resume", nproc=2)
+    full = train_py(tmp_path / "ep_full", *common, "--ep=2", nproc=2)
+    assert train_steps(again) == train_steps(full) and vals(again) == vals(full)
+    assert_same_checkpoints(tmp_path / "ep_again" / "ckpt.pt", tmp_path / "ep_full" / "ckpt.pt")
 
     # the same run continues on one process without expert parallelism: the same curve
     resumed = train_py(tmp_path / "ep", "--resume", "--ep=1", "--grad_accum=2")
