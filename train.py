@@ -5,6 +5,7 @@ Train a DeepSeek-V3-style model (arXiv 2412.19437) on one CPU, one GPU, or many 
     python train.py --preset=small --seq_len=2048     # one GPU
     torchrun --standalone --nproc_per_node=8 train.py --preset=small      # one node, data parallel
     torchrun --standalone --nproc_per_node=8 train.py --preset=small --ep=8   # experts over the 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --preset=small --pp=4 --ep=2 --grad_accum=8  # DualPipe
     # two nodes: run on each, with --node_rank=0 on the first and --node_rank=1 on the second
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29500 \\
         train.py --preset=small --ep=16 --dispatch=hierarchical --n_expert_groups=2 --n_limited_groups=1
@@ -19,6 +20,7 @@ What the paper's training recipe contributes here:
     the MTP loss weight lambda on a schedule                                                 2.2, 4.2
     an exponential moving average of the weights kept in CPU memory, updated off the GPU     3.2.3
     expert parallelism with all-to-all dispatch, node-limited routing (comm.py)              2.1.2, 3.2.2
+    DualPipe pipeline parallelism with overlapped forward/backward pairs (dualpipe.py)       3.2.1
     checkpoints any layout can resume and one process can read (checkpoint.py)
 Simplified: warmup then cosine decay instead of the paper's constant-then-cosine schedule;
 optimizer state is not sharded (no ZeRO-1).
