@@ -234,10 +234,10 @@ def resume_settings(c, given, model_overrides, ckpt, world):
             raise SystemExit(f"--{key}={new}: the checkpoint's model has {key}={ckpt['model_args'].get(key)}, "
                              f"and a resumed run cannot change the model")
     r = SimpleNamespace(**resolved)
-    old_batch = ckpt.get("global_batch", saved["batch_size"] * saved["grad_accum"])
-    if r.batch_size * r.grad_accum * world != old_batch:
-        raise SystemExit(f"--batch_size={r.batch_size} x --grad_accum={r.grad_accum} x {world} process(es) gives "
-                         f"{r.batch_size * r.grad_accum * world} sequences per step; the checkpoint's run took "
+    old_batch, dp = ckpt.get("global_batch", saved["batch_size"] * saved["grad_accum"]), world // r.pp
+    if r.batch_size * r.grad_accum * dp != old_batch:
+        raise SystemExit(f"--batch_size={r.batch_size} x --grad_accum={r.grad_accum} x {dp} data-parallel rank(s) "
+                         f"gives {r.batch_size * r.grad_accum * dp} sequences per step; the checkpoint's run took "
                          f"{old_batch}: keep the global batch when resuming (e.g. with --grad_accum)")
     return r
 

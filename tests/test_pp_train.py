@@ -2,12 +2,14 @@
 single-process run on the same micro-batches, alone and with expert parallelism, and a checkpoint
 written by the pipeline resumes on one process and continues the same curve."""
 
+import shutil
+
 import pytest
 import torch
 
 from test_ddp import train_py
 from test_ep_train import assert_same_curve, corpus
-from test_train import train_steps, vals
+from test_train import assert_same_checkpoints, train_steps, vals
 
 
 @pytest.mark.parametrize("pipeline", ["dualpipe", "1f1b"])
@@ -18,6 +20,11 @@ def test_pp2_follows_one_process_and_resumes_on_one(tmp_path, pipeline):
     pp = train_py(tmp_path / "pp", *common, "--pp=2", f"--pipeline={pipeline}", "--stop_iter=3", nproc=2)
     assert_same_curve(one, pp, range(1, 4))
     torch.testing.assert_close(vals(one)[3], vals(pp)[3], rtol=2e-4, atol=2e-5)  # evaluation, EMA included
+    shutil.copytree(tmp_path / "pp", tmp_path / "pp_again")  # on the same layout: bit for bit
+    again = train_py(tmp_path / "pp_again", "--resume", nproc=2)
+    full = train_py(tmp_path / "pp_full", *common, "--pp=2", f"--pipeline={pipeline}", nproc=2)
+    assert train_steps(again) == train_steps(full) and vals(again) == vals(full)
+    assert_same_checkpoints(tmp_path / "pp_again" / "ckpt.pt", tmp_path / "pp_full" / "ckpt.pt")
     resumed = train_py(tmp_path / "pp", "--resume", "--pp=1")  # the pipeline's checkpoint on one process
     assert sorted(train_steps(resumed)) == list(range(1, 7))
     assert_same_curve(one, resumed, range(4, 7))
