@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+import checkpoint
 import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,3 +70,30 @@ def test_two_ranks_resume_exactly_and_match_one_process(tmp_path):
     moved = train_py(tmp_path / "moved", "--resume", "--batch_size=1", "--grad_accum=4")  # one process now
     for step in range(5, 9):
         torch.testing.assert_close(train_steps(moved)[step], train_steps(full)[step], rtol=1e-4, atol=1e-5)
+
+
+def test_sigterm_under_torchrun_checkpoints_every_rank_at_one_step(tmp_path):
+    """SIGTERM to torchrun (what a scheduler sends before preemption): the agent passes it to both
+    ranks, they agree on the step, write one checkpoint and exit; the resume continues exactly."""
+    import signal
+
+    from test_train import TINY, assert_same_checkpoints, train_steps
+    (tmp_path / "text.txt").write_text(data.corpus_text("shakespeare")[0][:60_000])
+    common = [*TINY, f"--data={tmp_path / 'text.txt'}", f"--cache_dir={tmp_path / 'cache'}", "--max_iters=400",
+              "--eval_interval=1000", "--batch_size=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *common, f"--out_dir={tmp_path / 'run'}"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if line.startswith("step 3:"):
+            break
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode != 0 and "--resume" in out
+    stopped = checkpoint.load_meta(str(tmp_path / "run" / "ckpt.pt"))["step"]
+    assert 3 <= stopped < 400
+    resumed = train_py(tmp_path / "run", "--resume", f"--stop_iter={stopped + 2}", nproc=2)
+    full = train_py(tmp_path / "full", *common[len(TINY):], f"--stop_iter={stopped + 2}", nproc=2)
+    assert train_steps(resumed) == train_steps(full)
+    assert_same_checkpoints(tmp_path / "run" / "ckpt.pt", tmp_path / "full" / "ckpt.pt")
