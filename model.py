@@ -558,16 +558,31 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 # lengths are right-padded the same way (a row's padding sits in slots it overwrites before reading).
 
 class Decoder:
-    """The fixed-shape state of decode(): the latent caches of the main model and of the MTP block
-    (depth 1; deeper modules are not used), `slots` positions for each of B rows. cuda_graph=True
-    captures each step as one CUDA graph at its first call (GPU only; written, not yet measured)."""
+    """The state of a batched decode: per row its position, its last token (not yet in the cache), its
+    budget, and when speculative, the MTP module's proposal and the q it was drawn from; the latent
+    caches of the main model and of the MTP block (depth 1; deeper modules are not used), `slots`
+    positions for each row, and the step. prefill() and step() return (tokens (B, K), counts (B,)).
+    cuda_graph=True captures the model's part of each step as one CUDA graph at its first call and
+    replays it after (GPU only; written, not yet measured); sampling stays outside the graph."""
 
-    def __init__(self, model, batch_size, slots, speculative=False, cuda_graph=False):
-        self.model = model
-        self.cache = model.new_cache(batch_size, slots)
-        self.mtp_cache = model.new_cache(batch_size, slots, mtp=True)[:1] if speculative else None
+    def __init__(self, model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=None,
+                 speculative=False, cuda_graph=False):
+        if speculative and not len(model.mtp):
+            raise ValueError("speculative decoding proposes tokens with the MTP module; this model has n_mtp=0")
+        device = model.head.weight.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True captures CUDA graphs; the model is on {device}")
+        self.model, self.max_new_tokens, self.eot, self.speculative = model, max_new_tokens, eot, speculative
+        self.top = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.idx, self.lengths = pad_prompts(prompts, device)
+        B, L = len(self.idx), model.args.max_seq_len
+        slots = min(int(self.lengths.max()) + max_new_tokens, L + 1)  # a running row's last proposal may sit at L
+        self.cache = model.new_cache(B, slots)
+        self.mtp_cache = model.new_cache(B, slots, mtp=True)[:1] if speculative else None
         self.main = graphed(self.main_step) if cuda_graph else self.main_step
         self.draft = graphed(self.draft_step) if cuda_graph else self.draft_step
+        self.rows = torch.arange(B, device=device)
+        self.counters = torch.zeros(2, dtype=torch.long, device=device)  # proposals verified, accepted
 
     def main_step(self, tokens, pos):
         """The main model over tokens (B, T) at positions pos[b] + 0..T-1: logits (B, T, V), h (B, T, D)."""
@@ -581,17 +596,56 @@ class Decoder:
         cos, sin = m.rope(tokens.shape[1], pos)
         return m.head(mtp.norm(mtp(h, m.embed(tokens), cos, sin, pos, self.mtp_cache[0])))  # (B, T, V)
 
-    def prefill(self, idx, lengths, top):
-        """Right-padded prompts (B, T) from position 0 through the main model (and the MTP block):
-        the token after each prompt (B,), and the proposal for the one after it with its q (or None)."""
-        m, rows, last = self.model, torch.arange(len(idx), device=idx.device), lengths - 1
+    def prefill(self):
+        """The right-padded prompts from position 0 through the main model (and the MTP block): the
+        token after each prompt, and the proposal for the one after it."""
+        m, idx, last = self.model, self.idx, self.lengths - 1
         _, h, cos, sin = m.trunk(idx, 0, self.cache)  # (B, T, D)
-        tok = sample_next(m.head(m.norm(h[rows, last])), **top)  # the token at position lengths[b]
-        if self.mtp_cache is None:
-            return tok, None, None
-        nxt = idx.roll(-1, 1).scatter(1, last[:, None], tok[:, None])  # column i: t_{i+1}
-        out = m.mtp[0](h, m.embed(nxt), cos, sin, 0, self.mtp_cache[0])  # (B, T, D)
-        return (tok, *propose(m.head(m.mtp[0].norm(out[rows, last])), top))
+        self.tok = sample_next(m.head(m.norm(h[self.rows, last])), **self.top)  # the token at position lengths[b]
+        if self.speculative:
+            nxt = idx.roll(-1, 1).scatter(1, last[:, None], self.tok[:, None])  # column i: t_{i+1}
+            out = m.mtp[0](h, m.embed(nxt), cos, sin, 0, self.mtp_cache[0])  # (B, T, D)
+            self.proposal, self.q = propose(m.head(m.mtp[0].norm(out[self.rows, last])), self.top)
+        self.pos, self.n = self.lengths.clone(), torch.ones_like(self.lengths)  # tok's position; tokens out
+        self.done = (self.n >= self.max_new_tokens) | (self.pos >= m.args.max_seq_len)
+        if self.eot is not None:
+            self.done |= self.tok == self.eot
+        return self.tok[:, None], self.n.clone()
+
+    def step(self):
+        if self.speculative:
+            logits, h = self.main(torch.stack([self.tok, self.proposal], 1), self.pos)  # (B, 2, V)
+            t1, accepted = verify(logits[:, 0], self.proposal, self.q, self.top)
+            t2 = sample_next(logits[:, 1], **self.top)  # the token after an accepted proposal
+            new = torch.stack([t1, t2], 1)  # (B, 2)
+            self.proposal, self.q = propose(self.draft(h, new, self.pos)[self.rows, accepted.long()], self.top)
+        else:
+            logits, _ = self.main(self.tok[:, None], self.pos)  # (B, 1, V)
+            new = sample_next(logits[:, 0], **self.top)[:, None]  # (B, 1)
+            accepted = torch.zeros_like(self.done)
+        count = self.keep(new, accepted)
+        self.accepted = accepted & (count > 0)
+        self.tok = torch.where(accepted, new[:, -1], new[:, 0])
+        self.pos += torch.where(self.done, 0, 1 + accepted.long())  # a finished row stays where it is
+        if self.speculative:
+            self.counters += torch.stack([(count > 0).sum(), self.accepted.sum()])
+        return new, count
+
+    def keep(self, new, accepted):
+        """How many of a step's new tokens (B, K) each row keeps: the first, and the second when the
+        proposal was accepted, within its budget, up to position max_seq_len and to its first eot.
+        Counts them into n and marks the rows that are done."""
+        L = self.model.args.max_seq_len
+        count = torch.minimum(1 + accepted.long(), torch.minimum(self.max_new_tokens - self.n, L - self.pos))
+        ended = torch.zeros_like(self.done)
+        if self.eot is not None:
+            is_eot = new == self.eot  # (B, K)
+            count = torch.where(is_eot[:, 0], count.clamp(max=1), count)
+            ended = (is_eot & (torch.arange(new.shape[1], device=new.device) < count[:, None])).any(1)
+        count = count.masked_fill(self.done, 0)
+        self.n += count
+        self.done = self.done | ended | (self.n >= self.max_new_tokens) | (self.pos + count >= L)
+        return count
 
 
 def graphed(step):
@@ -629,12 +683,12 @@ def propose(logits, top):
     return torch.multinomial(q, 1)[:, 0], q
 
 
-def verify(logits, draft, q, top):
+def verify(logits, proposal, q, top):
     """t_{p+1} (B,) from the main model's logits at p (B, V), and whether it is the proposal."""
     if top["temperature"] == 0:
         tok = logits.argmax(-1)
-        return tok, tok == draft
-    return speculative_token(draft, q, sampling_probs(logits, **top))
+        return tok, tok == proposal
+    return speculative_token(proposal, q, sampling_probs(logits, **top))
 
 
 def speculative_token(draft, q, p):
@@ -674,58 +728,16 @@ def decode(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
     max_new_tokens, or with a token at position max_seq_len, as Transformer.generate does, and greedy
     decoding (temperature 0) gives generate's tokens. stats, a dict, gets the steps taken, the
     proposals verified and those accepted. cuda_graph=True: see Decoder."""
-    if speculative and not len(model.mtp):
-        raise ValueError("speculative decoding proposes tokens with the MTP module; this model has n_mtp=0")
-    device = model.head.weight.device
-    if cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True captures CUDA graphs; the model is on {device}")
-    idx, lengths = pad_prompts(prompts, device)
-    L, top = model.args.max_seq_len, dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    slots = min(int(lengths.max()) + max_new_tokens, L + 1)  # a running row's last proposal may sit at L
-    dec = Decoder(model, len(idx), slots, speculative, cuda_graph)
-    tok, draft, q = dec.prefill(idx, lengths, top)
-    rows = torch.arange(len(idx), device=device)
-    pos, n = lengths.clone(), torch.ones_like(lengths)  # position of tok (not in the cache yet); tokens out
-    done = (n >= max_new_tokens) | (pos >= L) | (tok == (-1 if eot is None else eot))
+    dec = Decoder(model, prompts, max_new_tokens, temperature, top_k, top_p, eot, speculative, cuda_graph)
     stats = {} if stats is None else stats
     stats.update(steps=0, proposed=0, accepted=0)
-    yield tok[:, None], n.clone()
-    while True:
-        if speculative:
-            logits, h = dec.main(torch.stack([tok, draft], 1), pos)  # (B, 2, V)
-            t1, accepted = verify(logits[:, 0], draft, q, top)
-            t2 = sample_next(logits[:, 1], **top)  # the token after an accepted proposal
-            new = torch.stack([t1, t2], 1)  # (B, 2)
-            draft, q = propose(dec.draft(h, new, pos)[rows, accepted.long()], top)
-        else:
-            logits, _ = dec.main(tok[:, None], pos)  # (B, 1, V)
-            new = sample_next(logits[:, 0], **top)[:, None]  # (B, 1)
-            accepted = torch.zeros_like(done)
-        done, count = advance(new, accepted, done, n, pos, max_new_tokens, L, eot)
-        running = count > 0
-        tok = torch.where(accepted, new[:, -1], new[:, 0])
-        pos += torch.where(done, 0, 1 + accepted.long())  # a finished row stays where it is
-        finished, proposed, taken = torch.stack([done.all(), running.sum(), (accepted & running).sum()]).tolist()
-        stats.update(steps=stats["steps"] + 1, proposed=stats["proposed"] + proposed * speculative,
-                     accepted=stats["accepted"] + taken)
-        yield new, count
-        if finished:
-            return
-
-
-def advance(new, accepted, done, n, pos, max_new_tokens, max_seq_len, eot):
-    """How many of a step's new tokens (B, K) each row keeps (B,): the first, and the second when the
-    proposal was accepted, up to its token budget, the end of max_seq_len and its first eot; n (tokens
-    out, per row) is counted up in place. Returns the rows now done, and the counts."""
-    count = torch.minimum(1 + accepted.long(), torch.minimum(max_new_tokens - n, max_seq_len - pos))
-    ended = torch.zeros_like(done)
-    if eot is not None:
-        is_eot = new == eot  # (B, K)
-        count = torch.where(is_eot[:, 0], count.clamp(max=1), count)
-        ended = (is_eot & (torch.arange(new.shape[1], device=new.device) < count[:, None])).any(1)
-    count = count.masked_fill(done, 0)
-    n += count
-    return done | ended | (n >= max_new_tokens) | (pos + count >= max_seq_len), count
+    yield dec.prefill()
+    finished = bool(dec.done.all())
+    while not finished:
+        out = dec.step()
+        finished, proposed, accepted = torch.cat([dec.done.all()[None], dec.counters]).tolist()  # one wait per step
+        stats.update(steps=stats["steps"] + 1, proposed=proposed, accepted=accepted)
+        yield out
 
 
 def collect(stream):

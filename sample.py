@@ -1,10 +1,19 @@
 """
-Sample text from a checkpoint, decoding over MLA's latent KV cache (model.py, 2.1.1).
+Sample text from a checkpoint, decoding over MLA's latent KV cache (model.py, 2.1.1), with the MTP
+module proposing the token after next (speculative decoding, 5.4.3).
 
     python sample.py                                  # from out/, the folder train.py wrote
     python sample.py --prompt="ROMEO:\\n" --max_new_tokens=200 --temperature=0.8 --top_k=50
     python sample.py --prompt=FILE:prompt.txt         # the prompt from a file
     python sample.py --ckpt=path/to/DeepSeek-V3-format-dir
+    python sample.py --speculative=none               # one token per forward of the model
+    python sample.py --device=cuda --cuda_graph       # each decoding step replayed as a CUDA graph
+
+--speculative=mtp (the default when the checkpoint has an MTP module) runs model.decode: each step
+the main model verifies the MTP module's proposal and gives the token after it, so one forward yields
+one or two tokens. The output follows the same distribution as --speculative=none (greedy: the same
+tokens); the acceptance rate is printed at the end. --cuda_graph (GPU only; written, not yet measured)
+captures the model's part of each decoding step, over a static cache, as one CUDA graph.
 
 A checkpoint is train.py's ckpt.pt (its tokenizer sits beside it), the folder that holds it, or a
 Hugging Face-format DeepSeek-V3 directory (config.json + *.safetensors) loaded with
@@ -39,6 +48,8 @@ top_p = 1.0                  # nucleus sampling: keep the smallest set with this
 ema = True                   # use the EMA weights of a train.py checkpoint
 device = "auto"              # auto | cpu | cuda | cuda:N
 seed = 1337                  # sampling RNG
+speculative = "mtp"          # mtp: the MTP module proposes the token after next (5.4.3), if the checkpoint has one; none
+cuda_graph = False           # replay each decoding step as one CUDA graph (GPU only, not yet measured)
 
 SETTINGS = {k: v for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (int, float, bool, str)}
 LIMITS = [("num_samples", lambda v: v >= 1, "at least 1"), ("max_new_tokens", lambda v: v >= 1, "at least 1"),
@@ -120,13 +131,40 @@ def read_prompt(c):
     return c.prompt.replace("\\n", "\n")
 
 
+def decoding(c, model, given, dev):
+    """Whether to speculate with the MTP module: --speculative=mtp when the checkpoint has one
+    (asked for explicitly without one, an error); --cuda_graph only on CUDA."""
+    if c.cuda_graph and dev.type != "cuda":
+        raise SystemExit(f"--cuda_graph: CUDA graphs need a CUDA device; this run is on {dev.type} (use --device=cuda)")
+    if c.speculative == "mtp" and not len(model.mtp):
+        if "speculative" in given:
+            raise SystemExit("--speculative=mtp: the checkpoint has no MTP module (n_mtp=0); use --speculative=none")
+        return False
+    return c.speculative == "mtp"
+
+
+def stream_tokens(c, model, idx, new_tokens, eot, speculative, stats):
+    """The new token ids one at a time: generate() one token per forward, or decode() (speculative,
+    or over the static cache for CUDA graphs), one or two per step."""
+    top = dict(temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p, eot=eot)
+    if not (speculative or c.cuda_graph):
+        for tok in model.generate(idx, new_tokens, **top):
+            yield tok.item()
+        return
+    for tokens, counts in model_lib.decode(model, idx, new_tokens, **top, speculative=speculative,
+                                           cuda_graph=c.cuda_graph, stats=stats):
+        yield from tokens[0, :counts[0]].tolist()
+
+
 def main(argv=None):
-    c, _, _ = parse_args(SETTINGS, sys.argv[1:] if argv is None else argv, script=__file__)
+    c, _, given = parse_args(SETTINGS, sys.argv[1:] if argv is None else argv, script=__file__,
+                             choices=dict(speculative=("mtp", "none")))
     check_settings(c)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
     torch.manual_seed(c.seed)
     text = read_prompt(c)
     model, enc, eot, bos = load_model(c)
+    speculative = decoding(c, model, given, dev)
     model.to(dev).eval()
     if dev.type == "cuda":
         model.to(torch.bfloat16)
@@ -140,15 +178,12 @@ def main(argv=None):
         print(f"note: {len(ids)} prompt tokens + --max_new_tokens={c.max_new_tokens} exceed max_seq_len="
               f"{model.args.max_seq_len}: generating at most {new_tokens} tokens", file=sys.stderr)
     idx = torch.tensor([ids], device=dev)
-    generated, t0 = 0, time.time()
+    generated, t0, stats, proposed, accepted = 0, time.time(), {}, 0, 0
     for _ in range(c.num_samples):
         sys.stdout.write(text)
-        stream = model.generate(idx, new_tokens, temperature=c.temperature, top_k=c.top_k or None,
-                                top_p=c.top_p, eot=eot)
         pending = b""
-        for tok in stream:
+        for t in stream_tokens(c, model, idx, new_tokens, eot, speculative, stats):
             generated += 1
-            t = tok.item()
             if t == eot:
                 break
             pending += enc.decode_single_token_bytes(t)
@@ -159,8 +194,13 @@ def main(argv=None):
                 pass
             sys.stdout.flush()
         sys.stdout.write(pending.decode("utf-8", errors="replace") + "\n" + "-" * 40 + "\n")
+        proposed, accepted = proposed + stats.get("proposed", 0), accepted + stats.get("accepted", 0)
     dt = time.time() - t0
-    print(f"{generated} tokens in {dt:.2f}s: {generated / dt:.1f} tokens/s ({dev.type})", file=sys.stderr)
+    print(f"{generated} tokens in {dt:.2f}s: {generated / dt:.1f} tokens/s ({dev.type}"
+          f"{', CUDA graphs' if c.cuda_graph else ''})", file=sys.stderr)
+    if speculative:
+        print(f"speculative decoding (MTP): {accepted} of {proposed} proposals accepted, acceptance rate "
+              f"{accepted / max(proposed, 1):.1%}", file=sys.stderr)
 
 
 if __name__ == "__main__":
