@@ -315,6 +315,53 @@ def load_hf_tokenizer(path: str) -> tiktoken.Encoding:
                              mergeable_ranks=ranks, special_tokens=specials)
 
 
+def _merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The pair a BPE table merged into `token`: its bytes merged as tiktoken does, lowest rank first,
+    with only the tokens ranked below it, end as two parts (for a table that BPE training wrote)."""
+    parts, rank = [bytes([b]) for b in token], ranks[token]
+    while len(parts) > 2:
+        found = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        r, i = min(found)
+        if r >= rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2 or ranks.get(parts[0], rank) >= rank or ranks.get(parts[1], rank) >= rank:
+        raise ValueError(f"token {token!r} (rank {rank}) is not the merge of two lower-ranked tokens: "
+                         "the rank table is not a byte-level BPE")
+    return parts[0], parts[1]
+
+
+def save_hf_tokenizer(enc: tiktoken.Encoding, folder: str, model_max_length: int) -> None:
+    """Write a tiktoken byte-level BPE as Hugging Face's tokenizer.json and tokenizer_config.json, which
+    transformers' AutoTokenizer loads with the same ids: the vocabulary in GPT-2's byte-to-character
+    alphabet (_gpt2_byte_decoder), the merges in rank order, the split pattern as a Split pre-tokenizer,
+    and ignore_merges, because tiktoken takes a pretoken that is itself a token without merging.
+    The special tokens (<|endoftext|>) become added tokens; eos and bos are the first of them."""
+    char = {b: ch for ch, b in _gpt2_byte_decoder().items()}
+    text = lambda t: "".join(char[b] for b in t)  # noqa: E731
+    ranks = enc._mergeable_ranks  # tiktoken keeps the rank table, split pattern and specials as these
+    merges = [_merge_of(t, ranks) for t, _ in sorted(ranks.items(), key=lambda kv: kv[1]) if len(t) > 1]
+    specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
+    added = [dict(id=i, content=s, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+             for s, i in specials]
+    byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok = dict(version="1.0", truncation=None, padding=None, added_tokens=added, normalizer=None,
+               pre_tokenizer=dict(type="Sequence", pretokenizers=[
+                   dict(type="Split", pattern=dict(Regex=enc._pat_str), behavior="Isolated", invert=False),
+                   byte_level]),
+               post_processor=None, decoder=byte_level,
+               model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None,
+                          end_of_word_suffix=None, fuse_unk=False, byte_fallback=False, ignore_merges=True,
+                          vocab={text(t): r for t, r in ranks.items()},
+                          merges=[[text(a), text(b)] for a, b in merges]))
+    eos = specials[0][0] if specials else None
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=eos, eos_token=eos,
+                  model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+    for name, obj in (("tokenizer.json", tok), ("tokenizer_config.json", config)):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=1)
+
+
 # -----------------------------------------------------------------------------
 # Token shards: modded-nanogpt's format
 

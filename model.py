@@ -413,6 +413,9 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, **overrides):
         return from_pretrained(path, **overrides)
 
+    def save_pretrained(self, path, **kw):
+        save_pretrained(self, path, **kw)
+
     def moe_layers(self):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
@@ -960,6 +963,122 @@ def from_pretrained(path, **overrides):
     for moe in model.moe_layers():
         moe.load = torch.zeros(args.n_routed_experts)
     return model
+
+
+# -----------------------------------------------------------------------------
+# Writing a Hugging Face-format DeepSeek-V3 checkpoint: what from_pretrained reads, the other way
+
+HF_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}
+HF_BLOCK = {"attn.norm": "input_layernorm", "attn.w_dq": "self_attn.q_a_proj", "attn.q_norm": "self_attn.q_a_layernorm",
+            "attn.w_uq": "self_attn.q_b_proj", "attn.w_q": "self_attn.q_proj",
+            "attn.w_dkv": "self_attn.kv_a_proj_with_mqa", "attn.kv_norm": "self_attn.kv_a_layernorm",
+            "attn.w_ukv": "self_attn.kv_b_proj", "attn.w_o": "self_attn.o_proj", "ffn.norm": "post_attention_layernorm",
+            "ffn.gate": "mlp.gate", "ffn.mlp": "mlp", "ffn.shared": "mlp.shared_experts", "ffn.experts": "mlp.experts"}
+HF_MLP = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+HF_MTP = {"e_norm.weight": "enorm.weight", "h_norm.weight": "hnorm.weight", "proj.weight": "eh_proj.weight",
+          "norm.weight": "shared_head.norm.weight"}
+
+
+def ours_to_hf(name, args, expert=None):
+    """Our state-dict key (with the expert's index for a stacked expert weight) -> the released key;
+    MTP module k is layer n_layers + k, as DeepSeek releases it. hf_to_ours is its inverse."""
+    if name in HF_TOP:
+        return HF_TOP[name]
+    group, i, rest = name.split(".", 2)  # layers.L.<block> or mtp.k.<module>
+    layer = f"model.layers.{int(i) + (args.n_layers if group == 'mtp' else 0)}."
+    if group == "mtp":
+        if rest in HF_MTP:
+            return layer + HF_MTP[rest]
+        rest = rest.removeprefix("block.")
+    if rest == "ffn.gate.bias":
+        return layer + "mlp.gate.e_score_correction_bias"
+    module, _, leaf = rest.rpartition(".")  # attn.w_dq + weight, ffn.mlp.w1 + weight, ffn.experts + w1
+    if module == "ffn.experts":
+        return layer + f"mlp.experts.{expert}.{HF_MLP[leaf]}.weight"
+    parent, _, last = module.rpartition(".")
+    if parent in ("ffn.mlp", "ffn.shared"):
+        return layer + f"{HF_BLOCK[parent]}.{HF_MLP[last]}.{leaf}"
+    return layer + f"{HF_BLOCK[module]}.{leaf}"
+
+
+def hf_tensors(model):
+    """(released name, tensor) for every weight, the expert stacks split per expert (views, no copy),
+    and each MTP layer with its own copies of the shared embedding and head, as DeepSeek releases it."""
+    state, args = model.state_dict(), model.args
+    for name, t in state.items():
+        if ".ffn.experts." in name:
+            yield from ((ours_to_hf(name, args, e), t[e]) for e in range(t.shape[0]))
+        else:
+            yield ours_to_hf(name, args), t
+    for k in range(args.n_mtp):
+        yield f"model.layers.{args.n_layers + k}.embed_tokens.weight", state["embed.weight"]
+        yield f"model.layers.{args.n_layers + k}.shared_head.head.weight", state["head.weight"]
+
+
+def hf_config(args, bos_token_id=None, eos_token_id=None, dtype=torch.bfloat16):
+    """config.json in DeepSeek-V3's schema: what args_from_hf_config reads back to these args (but
+    for the training-only fields, and original_seq_len, which only matters with YaRN)."""
+    cfg = {key: getattr(args, ours) for key, ours in HF_KEYS.items()}
+    cfg.update(q_lora_rank=args.q_lora_rank or None, num_key_value_heads=args.n_heads, moe_layer_freq=1, ep_size=1,
+               hidden_act="silu", scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+               attention_bias=False, attention_dropout=0.0, tie_word_embeddings=False, use_cache=True,
+               architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+               torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+               rope_scaling=None)
+    if args.max_seq_len > args.original_seq_len:  # YaRN is on (rope_frequencies, softmax_scale)
+        cfg["rope_scaling"] = dict(type="yarn", factor=args.rope_factor, original_max_position_embeddings=args.original_seq_len,
+                                   beta_fast=args.beta_fast, beta_slow=args.beta_slow, mscale=args.mscale,
+                                   mscale_all_dim=args.mscale)
+    return cfg
+
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path, tensors):
+    """{name: tensor} -> one .safetensors file, the layout read_safetensors reads (8-byte header
+    length, JSON header padded to 8 bytes, raw little-endian data), written to a temporary name first."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = dict(dtype=SAFETENSORS_NAMES[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + n])
+        offset += n
+    header["__metadata__"] = dict(format="pt")
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(path + ".tmp", path)
+
+
+def save_pretrained(model, path, dtype=torch.bfloat16, max_shard_bytes=5 * 10**9, bos_token_id=None, eos_token_id=None):
+    """Write the model as a Hugging Face-format DeepSeek-V3 checkpoint directory: config.json and the
+    weights under the released names in `dtype` (the router's bias b stays FP32: rounding it would
+    change which experts are chosen), in one model.safetensors or, past max_shard_bytes, in shards
+    model-0000i-of-0000n.safetensors named by model.safetensors.index.json. transformers'
+    DeepseekV3ForCausalLM and from_pretrained load it; the tokenizer is data.save_hf_tokenizer's."""
+    os.makedirs(path, exist_ok=True)
+    cast = lambda name, t: t if name.endswith("e_score_correction_bias") else t.to(dtype)  # noqa: E731
+    shards, size, total = [[]], 0, 0
+    for name, t in hf_tensors(model):
+        n = t.numel() * (t.element_size() if name.endswith("e_score_correction_bias") else dtype.itemsize)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size, total = size + n, total + n
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, shard in zip(files, shards):  # one shard's copies in dtype in memory at a time
+        write_safetensors(os.path.join(path, file), {name: cast(name, t) for name, t in shard})
+    if len(shards) > 1:
+        index = dict(metadata=dict(total_size=total), weight_map={n: f for f, s in zip(files, shards) for n, _ in s})
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=1)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config(model.args, bos_token_id, eos_token_id, dtype), f, indent=1)
 
 
 if __name__ == "__main__":
