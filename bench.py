@@ -27,6 +27,11 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
                             simulate()'s; on one process one stage's F, B, W and an overlapped F&B pair
                             against F then B, and the bubbles simulate() predicts from them at PP 4 and 8
                             (CPU or GPU)
+    python bench.py decode [--preset=nano --ckpt=out --batch_sizes=1,32 --prompt_len=32 --new_tokens=64]
+                            decoding tokens/s and ms per step: generate(), decode()'s static cache,
+                            the same captured as CUDA graphs, MTP speculative decoding (its acceptance
+                            rate), transformers' generate() on the exported weights; CPU or GPU (the
+                            CUDA-graph rows are skipped on the CPU)
 
 Timings are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs), except
 `step`, which averages 5 steps between two CUDA events.
@@ -701,7 +706,110 @@ def _bench_ep_local(tokens, dim, topk, experts, iters, cuda):
               f"({moved[1] / t_c / 1e9:5.0f} GB/s, {moved[1] / t_c / copy_bw:4.0%} of copy)")
 
 
-SECTIONS = {"fp8": bench_fp8, "memory": bench_memory, "step": bench_step, "pipeline": bench_pipeline, "ep": bench_ep}
+def bench_decode(preset="nano", ckpt="", batch_sizes="1,32", prompt_len=32, new_tokens=64, temperature=0, hf=1):
+    """Decoding tokens/s (model.py, 5.4.3): generate() (the latent cache read up to the position), the
+    static cache of decode(), the same captured as CUDA graphs (GPU only), MTP speculative decoding
+    eager and graph-captured, with its acceptance rate, and transformers' generate on the exported
+    weights as the anchor (hf=0 skips it). ckpt: a train.py checkpoint (the EMA weights, as sample.py),
+    else a freshly initialized preset, whose MTP module proposes at random (acceptance about 1/V).
+    Prompts are random tokens, prompt_len each; every row decodes new_tokens (no end-of-text stop).
+    Greedy by default, so every method should give the same tokens: the last column says how many do.
+    Times: the best of three runs after a warm-up; ms/token is per step of the batch."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import model as model_lib
+    import sample
+    cuda = torch.cuda.is_available()
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    if ckpt:
+        m = sample.load_model(SimpleNamespace(ckpt=ckpt, tokenizer="", ema=True))[0]
+    else:
+        torch.manual_seed(0)
+        m = model_lib.Transformer(model_lib.preset(preset, max_seq_len=max(prompt_len + new_tokens + 1, 64)))
+    m = m.to(dev, dtype).eval()
+    if prompt_len + new_tokens > m.args.max_seq_len:
+        sys.exit(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceed the model's max_seq_len={m.args.max_seq_len}")
+    _header(f"decode: {ckpt or preset} ({m.args.n_layers} layers, d={m.args.dim}, vocab {m.args.vocab_size}), "
+            f"prompts of {prompt_len}, {new_tokens} new tokens, temperature {temperature}, {dtype}")
+    top = dict(temperature=float(temperature), top_k=None, top_p=None)
+    methods = [("eager generate()", lambda idx, _: _generate(m, idx, new_tokens, top)),
+               ("static cache", lambda idx, st: _decode(m, idx, new_tokens, top, False, False, st)),
+               ("static + CUDA graph", lambda idx, st: _decode(m, idx, new_tokens, top, False, True, st)),
+               ("MTP speculative", lambda idx, st: _decode(m, idx, new_tokens, top, True, False, st)),
+               ("MTP speculative + CUDA graph", lambda idx, st: _decode(m, idx, new_tokens, top, True, True, st))]
+    if hf:
+        methods.append(("transformers generate()", _hf_generate(m, tempfile.mkdtemp(), new_tokens, top, dev, dtype)))
+        if methods[-1][1] is None:
+            methods.pop()
+            print("(transformers is not installed, so no anchor row: pip install -r requirements-test.txt)")
+    print(f"{'method':>30} {'batch':>5} | {'tokens/s':>9} {'ms/token':>9} | {'acceptance':>10} | same tokens as eager")
+    for B in (int(b) for b in str(batch_sizes).split(",")):
+        idx = torch.randint(0, m.args.vocab_size, (B, prompt_len), device=dev)
+        reference = None
+        for name, run in methods:
+            if "CUDA graph" in name and not cuda:
+                print(f"{name:>30} {B:>5} | skipped: CUDA graphs need a GPU")
+                continue
+            if name.startswith("MTP") and not len(m.mtp):
+                print(f"{name:>30} {B:>5} | skipped: the model has no MTP module")
+                continue
+            stats = {}
+            run(idx, stats)  # warm-up: graph capture, allocator, lazy initializations
+            times = []
+            for _ in range(3):  # the best of three: a shared CPU's neighbours add noise
+                _sync(cuda)
+                t0 = time.perf_counter()
+                tokens = run(idx, stats)
+                _sync(cuda)
+                times.append(time.perf_counter() - t0)
+            dt = min(times)
+            reference = tokens if reference is None else reference
+            same = sum(a == b for a, b in zip(tokens, reference))
+            rate = f"{stats['accepted'] / stats['proposed']:.1%}" if stats.get("proposed") else "-"
+            print(f"{name:>30} {B:>5} | {B * new_tokens / dt:>9,.0f} {dt / new_tokens * 1e3:>9.2f} | {rate:>10} | "
+                  f"{same} of {B} rows")
+    if not cuda:
+        print("(no CUDA: the CUDA-graph rows are skipped; CPU timings say little about the GPU)")
+
+
+def _sync(cuda):
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def _generate(m, idx, new_tokens, top):
+    with torch.no_grad():
+        return torch.stack(list(m.generate(idx, new_tokens, **top)), 1).tolist()
+
+
+def _decode(m, idx, new_tokens, top, speculative, cuda_graph, stats):
+    import model as model_lib
+    return model_lib.collect(model_lib.decode(m, idx, new_tokens, **top, speculative=speculative,
+                                              cuda_graph=cuda_graph, stats=stats))
+
+
+def _hf_generate(m, folder, new_tokens, top, dev, dtype):
+    """transformers' DeepseekV3ForCausalLM on our exported weights, its generate() as a decoder."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    m.save_pretrained(folder, dtype=dtype)
+    transformers.logging.set_verbosity_error()  # its load report lists the MTP layer's tensors as unused
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(dev).eval()
+    sampling = dict(do_sample=False) if top["temperature"] == 0 else dict(do_sample=True, temperature=top["temperature"], top_k=0)
+
+    def run(idx, stats):
+        with torch.no_grad():
+            out = hf.generate(idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                              pad_token_id=0, **sampling)
+        return out[:, idx.shape[1]:].tolist()
+    return run
+
+
+SECTIONS = {"fp8": bench_fp8, "memory": bench_memory, "step": bench_step, "pipeline": bench_pipeline, "ep": bench_ep,
+            "decode": bench_decode}
 GPU_ONLY = {"memory", "step"}
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ The DeepSeek-V3 model (technical report arXiv 2412.19437), in one file beside mo
     decode, Decoder           batched decoding over a static cache, each row at its own position,  5.4.3
                               speculative with the MTP module's proposals; CUDA-graph steps (GPU)
     from_pretrained           builds the model from a Hugging Face-format DeepSeek-V3 checkpoint
+    save_pretrained           writes one (config.json, BF16 safetensors under the released names,
+                              the MTP module as layer num_hidden_layers), which transformers loads
 
 Implementation switches, as module-level choices so tests can hold one path against the other:
     attn_impl = "absorb" | "naive"   how decoding attends over the latent cache (training always runs
@@ -465,7 +467,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=None):
-        """Yields one new token id (B,) at a time, decoding over the latent KV cache."""
+        """Yields one new token id (B,) at a time, decoding over the latent KV cache, read up to the
+        position. decode() is its fixed-shape twin (static cache, per-row positions, MTP speculation)."""
         B, T = idx.shape
         cache = self.new_cache(B, min(T + max_new_tokens, self.args.max_seq_len))
         logits = self(idx, cache=cache)[:, -1]
@@ -566,7 +569,8 @@ class Decoder:
     caches of the main model and of the MTP block (depth 1; deeper modules are not used), `slots`
     positions for each row, and the step. prefill() and step() return (tokens (B, K), counts (B,)).
     cuda_graph=True captures the model's part of each step as one CUDA graph at its first call and
-    replays it after (GPU only; written, not yet measured); sampling stays outside the graph."""
+    replays it after; sampling stays outside the graph. GPU only, and written without a GPU at hand:
+    not yet run or measured (the MoE layers need the grouped expert GEMM there: Hopper, BF16)."""
 
     def __init__(self, model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=None,
                  speculative=False, cuda_graph=False):
@@ -599,6 +603,7 @@ class Decoder:
         cos, sin = m.rope(tokens.shape[1], pos)
         return m.head(mtp.norm(mtp(h, m.embed(tokens), cos, sin, pos, self.mtp_cache[0])))  # (B, T, V)
 
+    @torch.no_grad()
     def prefill(self):
         """The right-padded prompts from position 0 through the main model (and the MTP block): the
         token after each prompt, and the proposal for the one after it."""
@@ -615,6 +620,7 @@ class Decoder:
             self.done |= self.tok == self.eot
         return self.tok[:, None], self.n.clone()
 
+    @torch.no_grad()
     def step(self):
         if self.speculative:
             logits, h = self.main(torch.stack([self.tok, self.proposal], 1), self.pos)  # (B, 2, V)
@@ -727,8 +733,9 @@ def decode(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
     """Batched decoding over a static latent cache, each row at its own position; speculative=True
     adds the MTP module's proposals (above). prompts: a (B, T) tensor of ids, or B lists of ids of any
     lengths. Yields (tokens (B, K), counts (B,)) per step: row b's next tokens are tokens[b, :counts[b]]
-    (K = 2 for a speculative step, else 1; count 0 once a row is done). A row stops at eot, after
-    max_new_tokens, or with a token at position max_seq_len, as Transformer.generate does, and greedy
+    (K = 2 for a speculative step, else 1; count 0 once a row is done). Batched speculation keeps a
+    position per row, it is not limited to batch 1. A row stops after its first eot (generate stops
+    once every row has one), after max_new_tokens, or with a token at position max_seq_len; greedy
     decoding (temperature 0) gives generate's tokens. stats, a dict, gets the steps taken, the
     proposals verified and those accepted. cuda_graph=True: see Decoder."""
     dec = Decoder(model, prompts, max_new_tokens, temperature, top_k, top_p, eot, speculative, cuda_graph)
