@@ -2,8 +2,8 @@
 Fine-grained FP8 training, as DeepSeek-V3 does it (arXiv 2412.19437, section 3.3 and Appendix B).
 
 Read this file top to bottom: the format, the scales, the GEMM with promotion, why promotion is
-needed (an emulated tensor core), then the Linear layer whose three GEMMs all run in FP8, and the
-routed experts' grouped version.
+needed (an emulated tensor core), the custom ops torch.compile sees, then the Linear layer whose
+three GEMMs all run in FP8, and the routed experts' grouped version.
 
 The format (3.3.2, "Mantissa over Exponents")
 =============================================
@@ -28,7 +28,17 @@ subnormals or to zero. The fix is many scales, each over a small group:
   - the 128 of the tiles is also the K-interval of the promotion below: inside one K-block both
     operands have constant scales, so the tensor cores can multiply raw FP8 values and the scales
     are applied once per block.
-Scales are FP32 here (optionally rounded up to a power of two, so that x/s is exact in binary).
+Scales are FP32 here. Some are rounded up to a power of two (3.3.3: "round scaled"), because of
+what that buys: E4M3 values times a power of two are one 3-bit-mantissa grid, whatever the power.
+A tensor quantized in 1x128 tiles with such scales can be re-tiled (to 128x1 tiles, for a Wgrad)
+by dequantizing and quantizing again with no new rounding: every value is already on the new
+tile's grid (only an element that falls into the new tile's subnormals, below 2^-6 of its scale,
+can lose bits). With plain scales the second quantization rounds again: the re-tiled copy is
+then measurably worse than quantizing the BF16 tensor in 128x1 tiles directly (tests/test_fp8.py
+measures it). The paper rounds the scales of the tensors that are re-tiled or travel: the input of
+the Linear after attention (W^O), the input of the MoE up-projections (it is dispatched in FP8,
+comm.py) and the activation gradient before the MoE down-projections. Here those three always
+have power-of-two scales; pow2_scales=True rounds every other scale too.
 
 Promotion to FP32 (3.3.2, "Increasing Accumulation Precision")
 ===============================================================
@@ -51,9 +61,17 @@ y = x W^T has three GEMMs, and all three take FP8 inputs and produce BF16/FP32 o
     Wgrad  dW = dy^T x     contraction over tokens, so dy^T and x^T are tiled 1x128 along the
                            token dimension (128x1 tiles of dy and x)
 The input x is saved for the backward pass in FP8 with its scales (3.3.3: "cache the activations
-in FP8"), half the bytes of BF16; the backward dequantizes it and requantizes it along tokens for
-Wgrad. Master weights, weight gradients and optimizer states stay in FP32/BF16 as the model holds
-them: FP8 is a property of the GEMMs only.
+in FP8"), half the bytes of BF16; the backward re-tiles it along tokens for Wgrad (lossless where
+its scales are powers of two, see above). Master weights, weight gradients and optimizer states
+stay in FP32/BF16 as the model holds them: FP8 is a property of the GEMMs only. A dimension that
+is not a whole number of 128-blocks (W^DKV's 576 = 512 + 64 rows at V3 shapes) is zero-padded to
+whole blocks inside the GEMMs, as the released FP8 weights pad it (576 rows, 5 block scales):
+zeros change no block's max|x| and add nothing to a dot product.
+
+The routed experts (3.3.3) run w2(silu(w1 x) * w3 x) with all nine GEMMs in FP8: x is quantized
+once for both up-projections; the SwiGLU's inputs w1 x and w3 x are cached in FP8 and its output
+is recomputed from them in backward, for w2's Wgrad; the gradient arriving at w2 is quantized once
+and serves w2's Dgrad and (re-tiled, losslessly) its Wgrad.
 
 What stays in BF16/FP32 (3.3.1): the embedding, the output head, the MoE router (gating), the
 normalizations, and the attention core (softmax(QK^T)V). FP8Linear is for the Linear layers
@@ -72,17 +90,27 @@ quant_impl = "auto" | "triton" | "torch"
   auto:      scaled_mm on CUDA where cuBLAS takes the shapes, else triton; torch on the CPU.
              bench.py fp8 times both: on the H200 cuBLAS ran 1.06-1.28 PFLOP/s on DeepSeek-V3's
              shapes, our Triton kernel 0.63-0.69, BF16 0.69-0.74, hence the default.
-grouped_impl = "auto" | "triton" | "loop" picks the routed experts' GEMMs (section 5).
+grouped_impl = "auto" | "triton" | "loop" picks the routed experts' GEMMs (section 6).
+
+torch.compile (section 4)
+========================
+Every quantization and GEMM step is a torch.library custom op (torch.ops.fp8.*) with a fake
+implementation that gives its output shapes, and FP8Linear and the experts are autograd.Functions
+over those ops. torch.compile therefore keeps each step as one opaque node of a whole graph, with
+no graph break inside a block, and traces the Functions' backward too. The data-dependent work
+stays inside an op: the grouped GEMMs read the experts' row counts on the host there (still a sync
+at run time, but tracing into it would specialize on the counts and recompile every step).
+Selective recomputation (moe.recompute, keep=moe.MATMULS) keeps the FP8 GEMM outputs as it keeps
+BF16 ones: MATMULS lists FPROP_OPS.
 
 Simplified here: every FP8 tensor is E4M3 with FP32 scales (no E5M6 for the attention output's
 cached input, no BF16 optimizer moments; FP8 dispatch traffic is comm.py's); the routed experts'
-GEMMs are a grouped Triton kernel or a loop over experts, and read the group sizes on the host (one sync);
-feature dimensions must be multiples of 128. FP8Linear and fp8_grouped_linear run eagerly:
-torch.compile breaks its graph around them (tracing into them would specialize on the experts'
-token counts, which change every step, and recompile).
+GEMMs are a grouped Triton kernel or a loop over experts, and read the group sizes on the host
+(one sync per op); their dimensions must be multiples of 128 (FP8Linear pads its own).
 """
 
 import os
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -97,7 +125,7 @@ except ImportError:  # a CPU-only install: the torch paths below still work
 
 gemm_impl = "auto"    # "auto" | "triton" | "scaled_mm" | "torch"
 quant_impl = "auto"   # "auto" | "triton" | "torch"
-pow2_scales = False   # FP8Linear's choice: round scales up to powers of two
+pow2_scales = False   # True: every scale a power of two; False: those 3.3.3 names only (see above)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0       # largest finite E4M3 value
@@ -298,7 +326,8 @@ def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8, transposed=Fals
 
 def act_quant_t(x, x_s=None, block_size=BLOCK, pow2=False, out_dtype=FP8, bounds=None):
     """128x1 tiles for Wgrad: x (M, K) -> x^T in FP8 (K, Mp) and scales (K, Mp/128), tokens
-    zero-padded to Mp = a multiple of 128. With x_s, x is FP8 in 1x128 tiles: dequantize first.
+    zero-padded to Mp = a multiple of 128; K may be any size. With x_s, x is FP8 in 1x128 tiles
+    (K a multiple of 128): dequantize first.
     With bounds [(start, end), ...] (experts' row ranges), each group is padded on its own, so
     that no 128-token tile holds two experts' tokens."""
     if not _use_triton(x, quant_impl):
@@ -311,7 +340,9 @@ def act_quant_t(x, x_s=None, block_size=BLOCK, pow2=False, out_dtype=FP8, bounds
             s = torch.cat([p[1] for p in parts], 1) if parts else x.new_empty(x.shape[1], 0, dtype=torch.float32)
         return y.to(out_dtype) if out_dtype != FP8 else y, s
     M, K = x.shape
-    _check_multiple(K, "channels of the activation", block_size)
+    if K % block_size and x_s is None:  # the kernel reads whole blocks of channels: add zero ones, drop them
+        y, s = act_quant_t(F.pad(x, (0, -K % block_size)), None, block_size, pow2, out_dtype, bounds)
+        return y[:K], s[:K]
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows = None
@@ -601,36 +632,119 @@ def promotion_error(K=4096, M=16, N=16, positive=True, promote_every=128, genera
     return rel(tensor_core_gemm_emulated(a, b)), rel(tensor_core_gemm_emulated(a, b, promote_every=promote_every))
 
 # -----------------------------------------------------------------------------
-# 4. FP8Linear: Fprop, Dgrad and Wgrad in FP8, the input cached in FP8 (3.3.1, Figure 6; 3.3.3)
+# 4. Custom ops: each quantization and GEMM step is one node of torch.compile's graph
+#
+# torch.compile does not trace into a custom op: it calls it as it is (the kernels above, eagerly)
+# and learns its outputs' shapes, dtypes and strides from the fake implementation registered with
+# it, so the fake must describe exactly what the real one returns (tests/test_fp8.py opchecks each).
+# Activations are 2-D (tokens, features); the ops zero-pad dims that are not whole 128-blocks
+# themselves (see "The Linear layer" above).
+
+Tensor = torch.Tensor
+
+
+def _round_up(n):
+    return _cdiv(n, BLOCK) * BLOCK
+
+
+def _padded(t, rows=False):
+    """t zero-padded to whole 128-blocks along its last dim (with rows, along the one before too)."""
+    pad = [0, -t.shape[-1] % BLOCK] + ([0, -t.shape[-2] % BLOCK] if rows else [])
+    return F.pad(t, pad) if any(pad) else t
+
+
+def _no_autocast(t):
+    # An op's body runs under the caller's autocast state: the promoted FP32 sums must not be cast.
+    return torch.autocast(t.device.type, enabled=False)
+
+
+@torch.library.custom_op("fp8::quant", mutates_args=())
+def quant_op(x: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
+    """act_quant of x (M, K), K padded to Kp: x_fp8 (M, Kp) and scales (M, Kp/128), M-major."""
+    with _no_autocast(x):
+        x_fp8, s = act_quant(_padded(x), pow2=pow2)
+    return x_fp8, _mmajor(s)
+
+
+@quant_op.register_fake
+def _(x, pow2):
+    M, Kp = x.shape[0], _round_up(x.shape[1])
+    return x.new_empty(M, Kp, dtype=FP8), _mmajor_empty(M, Kp // BLOCK, x.device)
+
+
+@torch.library.custom_op("fp8::weight_quant", mutates_args=())
+def weight_quant_op(w: Tensor, pow2: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """weight_quant of w (..., N, K) padded to (..., Np, Kp): w_fp8, its scales (..., Np/128, Kp/128)
+    and w_fp8^T (..., Kp, Np) for Dgrad."""
+    with _no_autocast(w):
+        return weight_quant(_padded(w, rows=True), pow2=pow2, transposed=True)
+
+
+@weight_quant_op.register_fake
+def _(w, pow2):
+    *E, N, K = w.shape
+    Np, Kp = _round_up(N), _round_up(K)
+    return (w.new_empty(*E, Np, Kp, dtype=FP8), w.new_empty(*E, Np // BLOCK, Kp // BLOCK, dtype=torch.float32),
+            w.new_empty(*E, Kp, Np, dtype=FP8))
+
+
+@torch.library.custom_op("fp8::gemm", mutates_args=())
+def gemm_op(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """fp8_gemm: c (M, N) = dequant(a) @ dequant(b)^T. FP8Linear's Fprop and Dgrad."""
+    with _no_autocast(a):
+        return fp8_gemm(a, a_s, b, b_s, out_dtype)
+
+
+@gemm_op.register_fake
+def _(a, a_s, b, b_s, out_dtype):
+    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("fp8::wgrad", mutates_args=())
+def wgrad_op(dy: Tensor, dy_s: Optional[Tensor], x: Tensor, x_s: Optional[Tensor], n: int, k: int,
+             pow2_dy: bool, pow2_x: bool, out_dtype: torch.dtype) -> Tensor:
+    """dW (n, k) = dy^T x, a sum over the M tokens, both operands in 128x1 tiles (along tokens).
+    dy (M, >= n) and x (M, >= k) are each BF16/FP32 (quantized here) or FP8 in 1x128 tiles with
+    their scales (re-tiled here); columns past n and k are padding."""
+    with _no_autocast(dy):
+        dyT, dyT_s = act_quant_t(dy, dy_s, pow2=pow2_dy)           # (>= n, Mp), 128x1 tiles of dy
+        xT, xT_s = act_quant_t(x, x_s, pow2=pow2_x)                # (>= k, Mp), 128x1 tiles of x
+        return fp8_gemm(dyT[:n], dyT_s[:n], xT[:k], xT_s[:k], out_dtype)
+
+
+@wgrad_op.register_fake
+def _(dy, dy_s, x, x_s, n, k, pow2_dy, pow2_x, out_dtype):
+    return dy.new_empty(n, k, dtype=out_dtype)
+
+# -----------------------------------------------------------------------------
+# 5. FP8Linear: Fprop, Dgrad and Wgrad in FP8, the input cached in FP8 (3.3.1, Figure 6; 3.3.3)
 
 
 class _FP8LinearFn(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, out_dtype):
-        with torch.autocast(x.device.type, enabled=False):
-            x_fp8, x_s = act_quant(x, pow2=pow2_scales)            # (M, K), (M, K/128)
-            w_fp8, w_s, wT_fp8 = weight_quant(weight, pow2=pow2_scales, transposed=True)  # (N, K), (N/128, K/128), (K, N)
-            y = fp8_gemm(x_fp8, x_s, w_fp8, w_s, out_dtype)        # Fprop (M, N)
-        ctx.save_for_backward(x_fp8, x_s, wT_fp8, w_s)             # x kept in FP8, not BF16
-        ctx.dtypes = (x.dtype, weight.dtype)
+    def forward(ctx, x, weight, out_dtype, pow2):
+        N, K = weight.shape
+        x_fp8, x_s = quant_op(x, pow2 or pow2_scales)                 # (M, Kp), (M, Kp/128)
+        w_fp8, w_s, wT_fp8 = weight_quant_op(weight, pow2_scales)     # (Np, Kp), (Np/128, Kp/128), (Kp, Np)
+        y = gemm_op(x_fp8, x_s, w_fp8[:N], w_s, out_dtype)            # Fprop (M, N)
+        ctx.save_for_backward(x_fp8, x_s, wT_fp8[:K], w_s)            # x kept in FP8, not BF16
+        ctx.pow2, ctx.dtypes = (pow2 or pow2_scales, pow2_scales), (x.dtype, weight.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x_fp8, x_s, wT_fp8, w_s = ctx.saved_tensors
-        x_dtype, w_dtype = ctx.dtypes
+        (pow2_x, pow2), (x_dtype, w_dtype) = ctx.pow2, ctx.dtypes
+        N, K = dy.shape[1], wT_fp8.shape[0]
         dx = dw = None
-        with torch.autocast(dy.device.type, enabled=False):
-            dy = dy.contiguous()
-            if ctx.needs_input_grad[0]:
-                dy_fp8, dy_s = act_quant(dy, pow2=pow2_scales)     # (M, N), 1x128 over N
-                dx = fp8_gemm(dy_fp8, dy_s, wT_fp8, w_s.t(), x_dtype)  # Dgrad (M, K): W^T, same blocks
-            if ctx.needs_input_grad[1]:
-                dyT_fp8, dyT_s = act_quant_t(dy, pow2=pow2_scales)           # (N, Mp), 128x1 of dy
-                xT_fp8, xT_s = act_quant_t(x_fp8, x_s, pow2=pow2_scales)     # (K, Mp), from the cache
-                dw = fp8_gemm(dyT_fp8, dyT_s, xT_fp8, xT_s, w_dtype)          # Wgrad (N, K), FP32 for FP32 masters
-        return dx, dw, None
+        dy = dy.contiguous()
+        if ctx.needs_input_grad[0]:
+            dy_fp8, dy_s = quant_op(dy, pow2)                         # (M, Np), 1x128 over N
+            dx = gemm_op(dy_fp8, dy_s, wT_fp8, w_s.t(), x_dtype)      # Dgrad (M, K): W^T, the same blocks
+        if ctx.needs_input_grad[1]:  # Wgrad (N, K): 128x1 tiles of dy, and of x re-tiled from the cache
+            dw = wgrad_op(dy, None, x_fp8, x_s, N, K, pow2, pow2_x, w_dtype)   # FP32 for FP32 masters
+        return dx, dw, None, None
 
 
 def _compute_dtype(x):
@@ -638,34 +752,34 @@ def _compute_dtype(x):
     return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
 
 
-def fp8_linear(x, weight):
-    """y = x @ weight^T with all three GEMMs in FP8; x (..., K), weight (N, K)."""
-    y = _FP8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, _compute_dtype(x))  # (M, N)
+def fp8_linear(x, weight, pow2=False):
+    """y = x @ weight^T with all three GEMMs in FP8; x (..., K), weight (N, K), any N and K.
+    pow2: x's scales are powers of two (its Wgrad re-tiling is then lossless)."""
+    y = _FP8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, _compute_dtype(x), pow2)  # (M, N)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class FP8Linear(nn.Linear):
     """Drop-in for nn.Linear(in_features, out_features, bias=False) whose GEMMs run in FP8.
     The weight Parameter, its shape (out, in), dtype and initialization are nn.Linear's; only the
-    matmuls change. On the CPU it runs the emulated plain-torch path."""
+    matmuls change. Dims that are not multiples of 128 are zero-padded to whole blocks inside the
+    GEMMs. pow2=True rounds the input's scales to powers of two (3.3.3: the Linear after attention).
+    On the CPU it runs the emulated plain-torch path."""
 
-    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, pow2=False):
         if bias:
             raise ValueError("FP8Linear has no bias (DeepSeek-V3's Linear layers have none)")
-        for n, what in ((in_features, "in_features"), (out_features, "out_features")):
-            if n % BLOCK:
-                raise ValueError(f"FP8Linear({in_features}, {out_features}): {what} = {n} is not a "
-                                 f"multiple of {BLOCK}; FP8 needs both dims in whole 128-wide tiles "
-                                 f"(1x128 activation tiles, 128x128 weight blocks). Use nn.Linear "
-                                 f"for this layer or choose dims that are multiples of {BLOCK}.")
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.pow2 = pow2
 
-    @torch.compiler.disable   # eager kernels; under torch.compile the graph breaks around it
     def forward(self, x):
-        return fp8_linear(x, self.weight)
+        return fp8_linear(x, self.weight, self.pow2)
+
+    def extra_repr(self):
+        return super().extra_repr() + (", pow2=True" if self.pow2 else "")
 
 # -----------------------------------------------------------------------------
-# 5. Routed experts: the same three FP8 GEMMs per expert, over tokens sorted by expert
+# 6. Routed experts: the same FP8 GEMMs per expert, over tokens sorted by expert (3.3.3)
 
 # "triton": one grouped-kernel launch per GEMM; "loop": fp8_gemm per expert (cuBLAS on Hopper).
 # "auto": triton on CUDA (on the H200, 8 experts x 2048 tokens, 7168 -> 2048, forward+backward:
@@ -743,49 +857,164 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
     return c
 
 
-class _FP8GroupedLinearFn(torch.autograd.Function):
+# The grouped GEMMs as custom ops. offs (E,) int32 holds the cumulative row ends of the experts'
+# groups; the ops read it on the host (the sync happens inside the op, so the graph stays whole).
+
+@torch.library.custom_op("fp8::grouped_gemm", mutates_args=())
+def grouped_gemm_op(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, offs: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """fp8_grouped_gemm_rows: c[rows of e] = a[rows of e] @ b[e]^T, (M, N). Fprop and Dgrad."""
+    with _no_autocast(a):
+        return fp8_grouped_gemm_rows(a, a_s, b, b_s, _group_bounds(offs), out_dtype)
+
+
+@grouped_gemm_op.register_fake
+def _(a, a_s, b, b_s, offs, out_dtype):
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("fp8::grouped_wgrad", mutates_args=())
+def grouped_wgrad_op(dy: Tensor, dy_s: Optional[Tensor], x: Tensor, x_s: Optional[Tensor], offs: Tensor,
+                     pow2_dy: bool, pow2_x: bool, out_dtype: torch.dtype) -> Tensor:
+    """dW[e] (N, K) = dy[rows of e]^T x[rows of e] for every expert e: (E, N, K). dy (M, N) and x
+    (M, K) as for wgrad_op; each expert's tokens are padded to whole 128-token tiles on their own,
+    so that no tile holds two experts' tokens (the padded token count depends on offs: it stays
+    inside the op)."""
+    bounds = _group_bounds(offs)
+    with _no_autocast(dy):
+        dyT, dyT_s = act_quant_t(dy, dy_s, pow2=pow2_dy, bounds=bounds)    # (N, Mp)
+        xT, xT_s = act_quant_t(x, x_s, pow2=pow2_x, bounds=bounds)         # (K, Mp)
+        return fp8_grouped_gemm_k(dyT, dyT_s, xT, xT_s, _group_kblocks(bounds), out_dtype)
+
+
+@grouped_wgrad_op.register_fake
+def _(dy, dy_s, x, x_s, offs, pow2_dy, pow2_x, out_dtype):
+    return dy.new_empty(offs.shape[0], dy.shape[1], x.shape[1], dtype=out_dtype)
+
+
+FPROP_OPS = {torch.ops.fp8.gemm.default, torch.ops.fp8.grouped_gemm.default}   # the forward GEMMs (moe.MATMULS)
+
+
+class _FP8ExpertsFn(torch.autograd.Function):
+    """The routed experts' SwiGLU, y = w2(silu(w1 x) * w3 x) per expert, all nine GEMMs in FP8."""
 
     @staticmethod
-    def forward(ctx, x, w, offs, out_dtype, x_q=None):
-        bounds = _group_bounds(offs)
+    def forward(ctx, x, w1, w2, w3, offs, out_dtype, x_fp8, x_s):
         with torch.autocast(x.device.type, enabled=False):
-            # x_q: x arrived in FP8 (comm.py's FP8 dispatch), so it is not quantized again
-            x_fp8, x_s = x_q if x_q is not None else act_quant(x, pow2=pow2_scales)  # (M, K), rows independent
-            w_fp8, w_s, wT_fp8 = weight_quant(w, pow2=pow2_scales, transposed=True)  # (E, N, K), (E, N/128, K/128), (E, K, N)
-            y = fp8_grouped_gemm_rows(x_fp8, x_s, w_fp8, w_s, bounds, out_dtype)   # Fprop (M, N)
-        ctx.save_for_backward(x_fp8, x_s, wT_fp8, w_s)
-        ctx.bounds, ctx.dtypes = bounds, (x.dtype, w.dtype)
+            if x_fp8 is None:  # else x arrived in FP8 (comm.py's dispatch), quantized the same way
+                x_fp8, x_s = quant_op(x, True)                           # (M, D): once, for w1 and w3
+            (w1_fp8, w1_s, w1T), (w2_fp8, w2_s, w2T), (w3_fp8, w3_s, w3T) = (
+                weight_quant_op(w, pow2_scales) for w in (w1, w2, w3))   # (E, out, in), blocks, (E, in, out)
+            h1 = grouped_gemm_op(x_fp8, x_s, w1_fp8, w1_s, offs, out_dtype)   # Fprop (M, I)
+            h3 = grouped_gemm_op(x_fp8, x_s, w3_fp8, w3_s, offs, out_dtype)   # Fprop (M, I)
+            a_fp8, a_s = quant_op(F.silu(h1) * h3, pow2_scales)          # SwiGLU, (M, I)
+            y = grouped_gemm_op(a_fp8, a_s, w2_fp8, w2_s, offs, out_dtype)    # Fprop (M, D)
+            h1_fp8, h1_s = quant_op(h1, pow2_scales)                     # the SwiGLU inputs, cached in FP8
+            h3_fp8, h3_s = quant_op(h3, pow2_scales)
+        ctx.save_for_backward(x_fp8, x_s, h1_fp8, h1_s, h3_fp8, h3_s, offs, w1T, w1_s, w2T, w2_s, w3T, w3_s)
+        ctx.pow2, ctx.dtypes = pow2_scales, (x.dtype, w1.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_fp8, x_s, wT_fp8, w_s = ctx.saved_tensors
-        (x_dtype, w_dtype), bounds = ctx.dtypes, ctx.bounds
-        dx = dw = None
+        x_fp8, x_s, h1_fp8, h1_s, h3_fp8, h3_s, offs, w1T, w1_s, w2T, w2_s, w3T, w3_s = ctx.saved_tensors
+        pow2, (x_dtype, w_dtype) = ctx.pow2, ctx.dtypes
         with torch.autocast(dy.device.type, enabled=False):
-            dy = dy.contiguous()
-            if ctx.needs_input_grad[0]:
-                dy_fp8, dy_s = act_quant(dy, pow2=pow2_scales)     # (M, N)
-                dx = fp8_grouped_gemm_rows(dy_fp8, dy_s, wT_fp8, w_s.transpose(1, 2), bounds, x_dtype)  # Dgrad
-            if ctx.needs_input_grad[1]:
-                # 128-token tiles must not straddle experts: each expert's tokens are padded apart
-                dyT_fp8, dyT_s = act_quant_t(dy, pow2=pow2_scales, bounds=bounds)        # (N, Mp)
-                xT_fp8, xT_s = act_quant_t(x_fp8, x_s, pow2=pow2_scales, bounds=bounds)  # (K, Mp)
-                dw = fp8_grouped_gemm_k(dyT_fp8, dyT_s, xT_fp8, xT_s, _group_kblocks(bounds), w_dtype)  # Wgrad (E, N, K)
-        return dx, dw, None, None, None
+            # the activation gradient before the down-projection: quantized once, for Dgrad and Wgrad
+            dy_fp8, dy_s = quant_op(dy.contiguous(), True)                    # (M, D)
+            da = grouped_gemm_op(dy_fp8, dy_s, w2T, w2_s.transpose(1, 2), offs, torch.float32)  # Dgrad (M, I)
+            h1, h3 = act_dequant(h1_fp8, h1_s), act_dequant(h3_fp8, h3_s)     # from the FP8 cache, (M, I)
+            sig = torch.sigmoid(h1)
+            a = h1 * sig * h3                                                 # the SwiGLU output, recomputed
+            dw2 = grouped_wgrad_op(dy_fp8, dy_s, a, None, offs, True, pow2, w_dtype)  # Wgrad (E, D, I): dy re-tiled
+            dh1 = da * h3 * sig * (1 + h1 * (1 - sig))                        # silu'(h) = sig (1 + h (1 - sig))
+            dh3 = da * h1 * sig
+            (dh1_fp8, dh1_s), (dh3_fp8, dh3_s) = quant_op(dh1, pow2), quant_op(dh3, pow2)   # (M, I) each
+            dx = (grouped_gemm_op(dh1_fp8, dh1_s, w1T, w1_s.transpose(1, 2), offs, torch.float32)
+                  + grouped_gemm_op(dh3_fp8, dh3_s, w3T, w3_s.transpose(1, 2), offs, torch.float32))  # Dgrad (M, D)
+            dw1 = grouped_wgrad_op(dh1, None, x_fp8, x_s, offs, pow2, True, w_dtype)   # Wgrad (E, I, D): x re-tiled
+            dw3 = grouped_wgrad_op(dh3, None, x_fp8, x_s, offs, pow2, True, w_dtype)
+        return dx.to(x_dtype), dw1, dw2, dw3, None, None, None, None
 
 
-@torch.compiler.disable   # eager, like FP8Linear: it reads the group sizes on the host
+def _check_experts(*ws):
+    for w in ws:
+        _check_multiple(w.shape[2], "expert in_features")
+        _check_multiple(w.shape[1], "expert out_features")
+
+
+def fp8_experts(x, w1, w2, w3, offs, x_q=None):
+    """The routed experts in FP8: y[rows of e] = w2[e](silu(w1[e] x) * w3[e] x) for the rows of x
+    (M, D) sorted by expert; w1, w3 (E, I, D), w2 (E, D, I) stacked; offs int32 (E,) cumulative row
+    ends (torch._grouped_mm's convention; groups may be empty). x_q: x already quantized, (x_fp8,
+    x_s) in 1x128 tiles with power-of-two scales (comm.py's FP8 dispatch); the gradient still flows
+    to x. Dims must be multiples of 128."""
+    _check_experts(w1, w2, w3)
+    x_fp8, x_s = x_q if x_q is not None else (None, None)
+    return _FP8ExpertsFn.apply(x, w1, w2, w3, offs, _compute_dtype(x), x_fp8, x_s)
+
+
+def fp8_experts_ref(x, w1, w2, w3, offs, dy):
+    """The plain twin of fp8_experts (outside autocast): per expert, forward and backward (for the
+    output gradient dy) written out with the plain-torch quantizers and GEMM, at the same
+    quantization points. Returns y, dx, dw1, dw2, dw3."""
+    q = lambda t, pow2=pow2_scales: act_quant_ref(t, pow2=pow2)                   # noqa: E731  1x128
+    qT = lambda t, t_s=None, pow2=pow2_scales: act_quant_t_ref(t, t_s, pow2=pow2)  # noqa: E731  128x1
+    fprop = lambda a, W, S: fp8_gemm_ref(*a, W, S, x.dtype)                       # noqa: E731
+    dgrad = lambda g, W, S: fp8_gemm_ref(*g, W.t().contiguous(), S.t(), torch.float32)  # noqa: E731
+    wgrad = lambda g, a: fp8_gemm_ref(*g, *a, w1.dtype)                           # noqa: E731
+    y, dx = torch.zeros_like(x), torch.zeros_like(x)
+    dw1, dw2, dw3 = (torch.zeros_like(w) for w in (w1, w2, w3))
+    for e, (s, t) in enumerate(_group_bounds(offs)):
+        (W1, S1), (W2, S2), (W3, S3) = (weight_quant_ref(w[e], pow2=pow2_scales) for w in (w1, w2, w3))
+        xq, gq = q(x[s:t], True), q(dy[s:t], True)                 # power-of-two scales (3.3.3)
+        h1, h3 = fprop(xq, W1, S1), fprop(xq, W3, S3)              # (m, I)
+        y[s:t] = fprop(q(F.silu(h1) * h3), W2, S2)
+        da = dgrad(gq, W2, S2)
+        h1, h3 = act_dequant(*q(h1)), act_dequant(*q(h3))          # backward reads the FP8 cache
+        sig = torch.sigmoid(h1)
+        dh1, dh3 = da * h3 * sig * (1 + h1 * (1 - sig)), da * h1 * sig
+        dx[s:t] = dgrad(q(dh1), W1, S1) + dgrad(q(dh3), W3, S3)
+        dw1[e] = wgrad(qT(dh1), qT(*xq, True))
+        dw2[e] = wgrad(qT(*gq, True), qT(h1 * sig * h3))
+        dw3[e] = wgrad(qT(dh3), qT(*xq, True))
+    return y, dx, dw1, dw2, dw3
+
+
+class _FP8GroupedLinearFn(torch.autograd.Function):
+    """One grouped Linear, y[rows of e] = x[rows of e] @ w[e]^T: FP8Linear's three GEMMs per expert."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs, out_dtype, x_fp8, x_s):
+        if x_fp8 is None:
+            x_fp8, x_s = quant_op(x, pow2_scales)                        # (M, K), rows independent
+        w_fp8, w_s, wT_fp8 = weight_quant_op(w, pow2_scales)             # (E, N, K), (E, N/128, K/128), (E, K, N)
+        y = grouped_gemm_op(x_fp8, x_s, w_fp8, w_s, offs, out_dtype)     # Fprop (M, N)
+        ctx.save_for_backward(x_fp8, x_s, wT_fp8, w_s, offs)
+        ctx.pow2, ctx.dtypes = pow2_scales, (x.dtype, w.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_fp8, x_s, wT_fp8, w_s, offs = ctx.saved_tensors
+        pow2, (x_dtype, w_dtype) = ctx.pow2, ctx.dtypes
+        dx = dw = None
+        dy = dy.contiguous()
+        if ctx.needs_input_grad[0]:
+            dy_fp8, dy_s = quant_op(dy, pow2)                            # (M, N)
+            dx = grouped_gemm_op(dy_fp8, dy_s, wT_fp8, w_s.transpose(1, 2), offs, x_dtype)  # Dgrad (M, K)
+        if ctx.needs_input_grad[1]:
+            dw = grouped_wgrad_op(dy, None, x_fp8, x_s, offs, pow2, pow2, w_dtype)         # Wgrad (E, N, K)
+        return dx, dw, None, None, None, None
+
+
 def fp8_grouped_linear(x, w, offs, x_q=None):
-    """Routed experts in FP8. x (M, K) tokens sorted by expert, w (E, N, K) stacked expert weights,
-    offs int32 (E,) cumulative row ends (torch._grouped_mm's convention). Returns y (M, N) with
-    y[rows of e] = x[rows of e] @ w[e]^T; all three GEMMs in FP8, like FP8Linear. Groups may be
-    empty and of any size (the Wgrad pads each group's tokens to 128 internally). x_q: x already
-    quantized, (x_fp8 (M, K), x_s (M, K/128)) in 1x128 tiles; the gradient still flows to x."""
-    E, N, K = w.shape
-    _check_multiple(K, "expert in_features")
-    _check_multiple(N, "expert out_features")
-    return _FP8GroupedLinearFn.apply(x, w, offs, _compute_dtype(x), x_q)
+    """One grouped Linear of the routed experts in FP8 (fp8_experts runs three of them, fused with
+    the SwiGLU). x (M, K) tokens sorted by expert, w (E, N, K) stacked expert weights, offs as for
+    fp8_experts. Returns y (M, N) with y[rows of e] = x[rows of e] @ w[e]^T; all three GEMMs in FP8,
+    like FP8Linear. x_q: x already quantized, (x_fp8 (M, K), x_s (M, K/128)) in 1x128 tiles."""
+    _check_experts(w)
+    x_fp8, x_s = x_q if x_q is not None else (None, None)
+    return _FP8GroupedLinearFn.apply(x, w, offs, _compute_dtype(x), x_fp8, x_s)
 
 
 def fp8_grouped_linear_ref(x, w, offs):

@@ -108,8 +108,8 @@ class ModelArgs:
         if self.n_expert_groups > 1:
             check(per_group >= 2, "n_expert_groups", self.n_expert_groups,
                   "at most n_routed_experts/2 groups (a group is scored by its two best experts)")
-        if self.fp8:
-            for name in ("dim", "inter_dim", "moe_inter_dim"):
+        if self.fp8:  # the routed experts' grouped FP8 GEMMs and the FP8 dispatch take whole tiles
+            for name in ("dim", "moe_inter_dim"):
                 check(getattr(self, name) % 128 == 0, name, getattr(self, name),
                       "a multiple of 128 with fp8=True (FP8 scales cover 128-element blocks)")
         eligible = per_group * self.n_limited_groups
@@ -159,17 +159,14 @@ def preset(name, **overrides):
 
 
 def linear_cls(args):
-    """The Linear used inside the blocks: BF16/FP32 nn.Linear, or FP8 (3.3) when args.fp8.
-    FP8 needs both dimensions in whole 128-blocks; a layer that is not (W^DKV: 576 rows at V3
-    shapes) stays in BF16."""
-    if not args.fp8:
-        return nn.Linear
-    from fp8 import FP8Linear
-
-    def make(in_features, out_features, bias=False):
-        fits = in_features % 128 == 0 and out_features % 128 == 0
-        return (FP8Linear if fits else nn.Linear)(in_features, out_features, bias=bias)
-    return make
+    """The Linear used inside the blocks, Linear(in, out, bias=False, pow2=False): BF16/FP32
+    nn.Linear, or FP8Linear (3.3) when args.fp8, every one of them: FP8Linear pads a dim that is
+    not whole 128-blocks (W^DKV: 576 rows at V3 shapes), as the released FP8 weights do. pow2: the
+    input's FP8 scales are powers of two (3.3.3, W^O); nothing in BF16."""
+    if args.fp8:
+        from fp8 import FP8Linear
+        return FP8Linear
+    return lambda in_features, out_features, bias=False, pow2=False: nn.Linear(in_features, out_features, bias=bias)
 
 
 # -----------------------------------------------------------------------------
@@ -255,7 +252,7 @@ class MLA(nn.Module):
         self.w_dkv = Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim, bias=False)  # W^DKV and W^KR
         self.kv_norm = nn.RMSNorm(args.kv_lora_rank, eps=args.norm_eps)
         self.w_ukv = Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim), bias=False)  # W^UK, W^UV
-        self.w_o = Linear(H * args.v_head_dim, args.dim, bias=False)  # W^O
+        self.w_o = Linear(H * args.v_head_dim, args.dim, bias=False, pow2=True)  # W^O (3.3.3: its input re-tiles losslessly)
         self.scale = softmax_scale(args)
 
     def down(self, x):

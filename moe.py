@@ -37,6 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
+import fp8
+
 # Routed experts: "grouped" runs one torch._grouped_mm per weight; "loop" is its plain twin.
 expert_impl = "grouped"
 
@@ -46,7 +48,7 @@ expert_impl = "grouped"
 # kept) is recomputed from the region's inputs when backward reaches it.
 
 MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-           torch.ops.aten._grouped_mm.default}
+           torch.ops.aten._grouped_mm.default, *fp8.FPROP_OPS}  # FP8's forward GEMMs are custom ops
 ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention.default,
              torch.ops.aten._scaled_dot_product_cudnn_attention.default,
              torch.ops.aten._scaled_dot_product_efficient_attention.default}
@@ -183,11 +185,9 @@ class Experts(nn.Module):
     def forward(self, x, counts, x_q=None):
         """x: (M, D) rows sorted by expert, counts: (E,) rows per expert -> (M, D). x_q: x already
         in FP8, (x_fp8, x_s) in 1x128 tiles (comm.py's FP8 dispatch), for the up-projections."""
-        if self.fp8:  # all three GEMMs of each expert in FP8 (fp8.py)
-            from fp8 import fp8_grouped_linear
+        if self.fp8:  # all nine GEMMs in FP8, x quantized once, the SwiGLU inputs cached in FP8 (fp8.py)
             offs = counts.cumsum(0).to(torch.int32)
-            up = lambda w: fp8_grouped_linear(x, w, offs, x_q)  # noqa: E731
-            return fp8_grouped_linear(F.silu(up(self.w1)) * up(self.w3), self.w2, offs)
+            return fp8.fp8_experts(x, self.w1, self.w2, self.w3, offs, x_q)
         dtype = compute_dtype(x)
         x = x.to(dtype)
         w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
