@@ -4,16 +4,18 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
     python bench.py fp8 [--profile=DIR]
                             fine-grained FP8 (fp8.py): GEMMs against BF16 and cuBLAS's blockwise
                             FP8, quantization bandwidth against a device copy, FP8Linear and the
-                            grouped expert GEMMs forward+backward against BF16, and the promotion
-                            emulation of 3.3.2 (that last part also runs on the CPU)
+                            grouped expert GEMMs forward+backward against BF16, the experts' whole
+                            SwiGLU (eager and compiled), and the promotion emulation of 3.3.2 (that
+                            last part also runs on the CPU)
 
     python bench.py memory [--preset=small --batch_size=4 --seq_len=2048]
                             activation recomputation (3.2.3): peak GPU memory and step time of
                             forward+backward with recompute off and on, and whether the gradients agree
-    python bench.py step [--preset=small --batch_size=16 --seq_len=2048 --fp8=0 --compile=1]
+    python bench.py step [--preset=small --batch_size=16 --seq_len=2048 --fp8=0 --compile=1 --recompute=0]
                             one training step (forward, backward, optimizer), BF16 or with FP8
-                            GEMMs, compiled (model and AdamW) or eager: its time and MFU, then where the time goes,
-                            by CUDA kernel, under the profiler
+                            GEMMs, compiled (model and AdamW) or eager: the first step's time (compilation) and
+                            torch.compile's graphs and graph breaks, the step's time and MFU, then where the time
+                            goes, by CUDA kernel, under the profiler
     torchrun --nproc_per_node=8 bench.py ep [--tokens=4096 --dim=7168 --topk=8 --experts=256 --local_world=4]
                             expert parallelism (comm.py): dispatch and combine GB/s per rank against a raw
                             all_to_all_single of the same bytes, BF16 and FP8, flat and hierarchical
@@ -197,6 +199,44 @@ def bench_fp8(profile_dir=None):
             _profile(lambda: fp8.fp8_grouped_linear(x, w, offs).backward(dy), f"{profile_dir}/experts_{impl}.txt")
     fp8.grouped_impl = "auto"
     print(row)
+    _bench_fp8_experts(ms, x, offs, E, K, N, profile_dir)
+
+
+def _bench_fp8_experts(ms, x, offs, E, D, I, profile_dir=None):
+    """The routed experts' whole SwiGLU, BF16 torch._grouped_mm against fp8.fp8_experts (x quantized
+    once, w1 x and w3 x cached in FP8), eager and under torch.compile (the FP8 steps as custom ops;
+    the first call's compile time is printed). Issue 11's target: FP8 1.3x faster than BF16."""
+    import torch.nn.functional as F
+
+    import fp8
+    print(f"\n-- routed experts' SwiGLU w2(silu(w1 x) * w3 x), forward+backward, {E} experts, {x.shape[0]} rows, "
+          f"{D} -> {I} -> {D} (ms)")
+    w1, w3 = (torch.randn(E, I, D, device=x.device, dtype=x.dtype, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(E, D, I, device=x.device, dtype=x.dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+    mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)  # noqa: E731
+    paths = {"BF16 grouped_mm": lambda x: mm(F.silu(mm(x, w1)) * mm(x, w3), w2),
+             "FP8 triton": lambda x: fp8.fp8_experts(x, w1, w2, w3, offs),
+             "FP8 loop": lambda x: fp8.fp8_experts(x, w1, w2, w3, offs)}
+    times = {}
+    for name, f in paths.items():
+        fp8.grouped_impl = "loop" if name == "FP8 loop" else "triton"
+        for compiled in (False, True):
+            run = torch.compile(f) if compiled else f
+            step = lambda: run(x).backward(dy)  # noqa: E731
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            times[name, compiled] = ms(step, grad_to_none=[x, w1, w2, w3])
+            print(f"{name:<16} {'compiled' if compiled else 'eager':<8} {times[name, compiled]:7.2f} ms "
+                  f"(BF16 eager / this {times['BF16 grouped_mm', False] / times[name, compiled]:.2f}x; "
+                  f"first call {first:.1f} s)")
+            if profile_dir and compiled:
+                _profile(step, f"{profile_dir}/swiglu_{name.replace(' ', '_')}.txt")
+    fp8.grouped_impl = "auto"
+    best = min(times[k] for k in times if k[0] != "BF16 grouped_mm")
+    print(f"best FP8 / best BF16: {min(times['BF16 grouped_mm', c] for c in (False, True)) / best:.2f}x faster")
 
 
 def _model_batch(preset, batch_size, seq_len, **overrides):
@@ -243,14 +283,16 @@ def bench_memory(preset="small", batch_size=4, seq_len=2048, compile=0):
           f"at {results[True][1] / results[False][1] - 1:+.1%} time; largest relative gradient difference {rel:.2e}")
 
 
-def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1):
-    """A training step under the profiler: the CUDA kernels that take the time."""
+def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, recompute=0):
+    """A training step under the profiler: the CUDA kernels that take the time. Compiled, it also
+    reports the first step's time (compilation and autotuning) and the graphs and graph breaks
+    torch.compile made (an FP8 model should be one graph: fp8.py's steps are custom ops)."""
     import model
     import train
     from torch.profiler import ProfilerActivity, profile
-    _header(f"step: {preset}, batch {batch_size} x {seq_len}, bf16 autocast{', fp8' if fp8 else ''}, "
-            f"{'compiled' if compile else 'eager'}")
-    m, x, y = _model_batch(preset, batch_size, seq_len, fp8=bool(fp8))
+    _header(f"step: {preset}, batch {batch_size} x {seq_len}, bf16 autocast{', fp8' if fp8 else ''}"
+            f"{', recompute' if recompute else ''}, {'compiled' if compile else 'eager'}")
+    m, x, y = _model_batch(preset, batch_size, seq_len, fp8=bool(fp8), recompute=bool(recompute))
     opt = train.AdamW([p for p in m.parameters()], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                       compiled=bool(compile))
     cm = torch.compile(m) if compile else m
@@ -261,10 +303,16 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1):
         losses["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    from torch._dynamo.utils import counters
+    counters.clear()
     t0 = time.perf_counter()
     step()
     torch.cuda.synchronize()
     print(f"first step (compilation, autotuning): {time.perf_counter() - t0:.1f} s")
+    if compile:
+        breaks = counters["graph_break"]
+        print(f"torch.compile: {counters['stats']['unique_graphs']} graph(s) (the model's, AdamW's update), "
+              f"{sum(breaks.values())} graph break(s){': ' + '; '.join(list(breaks)[:3]) if breaks else ''}")
     for _ in range(2):
         step()
     torch.cuda.synchronize()
