@@ -67,6 +67,8 @@ def export(src, dst, use_ema=True, dtype=torch.bfloat16, max_shard_bytes=5 * 10*
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:  # the folders first; parse_args then lists the settings
+        print(f"{USAGE}\n  CHECKPOINT: train.py's ckpt.pt or the folder holding it; OUT_DIR: a new or empty folder\n")
     folders = [a for a in argv if not a.startswith("-")]
     c, _, _ = parse_args(SETTINGS, [a for a in argv if a.startswith("-")], script=__file__,
                          choices=dict(dtype=("bfloat16", "float32")))
