@@ -98,15 +98,16 @@ Every quantization and GEMM step is a torch.library custom op (torch.ops.fp8.*) 
 implementation that gives its output shapes, and FP8Linear and the experts are autograd.Functions
 over those ops. torch.compile therefore keeps each step as one opaque node of a whole graph, with
 no graph break inside a block, and traces the Functions' backward too. The data-dependent work
-stays inside an op: the grouped GEMMs read the experts' row counts on the host there (still a sync
-at run time, but tracing into it would specialize on the counts and recompile every step).
+stays inside an op: the grouped GEMMs read the experts' row counts on the host there (from one
+copy per layer, made at a sync; tracing into them would specialize on the counts and recompile
+every step).
 Selective recomputation (moe.recompute, keep=moe.MATMULS) keeps the FP8 GEMM outputs as it keeps
 BF16 ones: MATMULS lists FPROP_OPS.
 
 Simplified here: every FP8 tensor is E4M3 with FP32 scales (no E5M6 for the attention output's
 cached input, no BF16 optimizer moments; FP8 dispatch traffic is comm.py's); the routed experts'
 GEMMs are a grouped Triton kernel or a loop over experts, and read the group sizes on the host
-(one sync per op); their dimensions must be multiples of 128 (FP8Linear pads its own).
+(one sync per layer and step); their dimensions must be multiples of 128 (FP8Linear pads its own).
 """
 
 import os
@@ -858,7 +859,9 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
 
 
 # The grouped GEMMs as custom ops. offs (E,) int32 holds the cumulative row ends of the experts'
-# groups; the ops read it on the host (the sync happens inside the op, so the graph stays whole).
+# groups; the ops read it on the host, inside the op, so the graph stays whole. fp8_experts copies
+# it to the host once (the one sync of a layer's step) and every op of forward and backward reads
+# that copy.
 
 @torch.library.custom_op("fp8::grouped_gemm", mutates_args=())
 def grouped_gemm_op(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, offs: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -950,7 +953,7 @@ def fp8_experts(x, w1, w2, w3, offs, x_q=None):
     to x. Dims must be multiples of 128."""
     _check_experts(w1, w2, w3)
     x_fp8, x_s = x_q if x_q is not None else (None, None)
-    return _FP8ExpertsFn.apply(x, w1, w2, w3, offs, _compute_dtype(x), x_fp8, x_s)
+    return _FP8ExpertsFn.apply(x, w1, w2, w3, offs.cpu(), _compute_dtype(x), x_fp8, x_s)   # the host read
 
 
 def fp8_experts_ref(x, w1, w2, w3, offs, dy):
@@ -1014,7 +1017,7 @@ def fp8_grouped_linear(x, w, offs, x_q=None):
     like FP8Linear. x_q: x already quantized, (x_fp8 (M, K), x_s (M, K/128)) in 1x128 tiles."""
     _check_experts(w)
     x_fp8, x_s = x_q if x_q is not None else (None, None)
-    return _FP8GroupedLinearFn.apply(x, w, offs, _compute_dtype(x), x_fp8, x_s)
+    return _FP8GroupedLinearFn.apply(x, w, offs.cpu(), _compute_dtype(x), x_fp8, x_s)
 
 
 def fp8_grouped_linear_ref(x, w, offs):
