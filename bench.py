@@ -813,10 +813,9 @@ def bench_decode(preset="nano", ckpt="", batch_sizes="1,32", prompt_len=32, new_
                 times.append(time.perf_counter() - t0)
             dt = min(times)
             reference = tokens if reference is None else reference
-            same = sum(a == b for a, b in zip(tokens, reference))
+            same = f"{sum(a == b for a, b in zip(tokens, reference))} of {B} rows" if top["temperature"] == 0 else "- (sampling)"
             rate = f"{stats['accepted'] / stats['proposed']:.1%}" if stats.get("proposed") else "-"
-            print(f"{name:>30} {B:>5} | {B * new_tokens / dt:>9,.0f} {dt / new_tokens * 1e3:>9.2f} | {rate:>10} | "
-                  f"{same} of {B} rows")
+            print(f"{name:>30} {B:>5} | {B * new_tokens / dt:>9,.0f} {dt / new_tokens * 1e3:>9.2f} | {rate:>10} | {same}")
     if not cuda:
         print("(no CUDA: the CUDA-graph rows are skipped; CPU timings say little about the GPU)")
 
