@@ -14,6 +14,7 @@ import torch
 import model
 import sample
 from model import ModelArgs, Transformer
+from test_cli import script
 from test_train import run
 
 
@@ -291,16 +292,23 @@ def test_decode_refuses_what_it_cannot_do():
 # -----------------------------------------------------------------------------
 # sample.py
 
-def test_sample_speculative_end_to_end(tmp_path, corpus, capsys):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+    """A tiny train.py checkpoint with its MTP module, 40 steps."""
+    out = tmp_path_factory.mktemp("trained")
+    run(out, corpus, "--max_iters=40", "--eval_interval=40", "--lr=3e-3")
+    return out
+
+
+def test_sample_speculative_end_to_end(tmp_path, corpus, trained, capsys):
     """A tiny checkpoint from train.py: --speculative=mtp (the default) prints the same greedy text as
     --speculative=none, and its acceptance rate (sampling: some proposals accepted, some not); a
     checkpoint without MTP refuses --speculative=mtp, and decodes plainly when it is not asked for."""
-    run(tmp_path / "mtp", corpus, "--max_iters=40", "--eval_interval=40", "--lr=3e-3")
     run(tmp_path / "plain", corpus, "--max_iters=1", "--eval_interval=1", "--n_mtp=0")
     capsys.readouterr()
     outs = {}
     for spec in ("none", "mtp"):
-        sample.main([f"--ckpt={tmp_path / 'mtp'}", "--prompt=KING:\\n", "--max_new_tokens=60", "--device=cpu",
+        sample.main([f"--ckpt={trained}", "--prompt=KING:\\n", "--max_new_tokens=60", "--device=cpu",
                      "--temperature=0", f"--speculative={spec}"])
         outs[spec] = capsys.readouterr()
     assert outs["mtp"].out == outs["none"].out and len(outs["none"].out) > 60
@@ -311,7 +319,7 @@ def test_sample_speculative_end_to_end(tmp_path, corpus, capsys):
     tokens = int(re.search(r"(\d+) tokens in [\d.]+s: [\d.]+ tokens/s", outs["mtp"].err)[1])
     assert 1 + int(proposed) + int(accepted) in (tokens, tokens + 1)  # + 1: the last step's second cut off
     assert "speculative" not in outs["none"].err
-    sample.main([f"--ckpt={tmp_path / 'mtp'}", "--max_new_tokens=150", "--device=cpu", "--temperature=1.0"])
+    sample.main([f"--ckpt={trained}", "--max_new_tokens=150", "--device=cpu", "--temperature=1.0"])
     accepted, proposed, _ = rate.search(capsys.readouterr().err).groups()
     assert 0 < int(accepted) < int(proposed)  # about 70% after these 40 steps
     plain = f"--ckpt={tmp_path / 'plain'}"
@@ -325,3 +333,21 @@ def test_sample_speculative_end_to_end(tmp_path, corpus, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--cuda_graph: CUDA graphs need a CUDA device; this run is on cpu"):
             sample.main([plain, "--cuda_graph", "--device=cpu"])
+
+
+def test_bench_decode_runs_on_the_cpu(trained):
+    """bench.py decode with small sizes: a row per method and batch size, the CUDA-graph rows skipped
+    with a note, every method's greedy tokens those of generate(), an acceptance rate for MTP."""
+    code, out, err = script("bench.py", "decode", f"--ckpt={trained}", "--batch_sizes=1,3", "--prompt_len=5",
+                            "--new_tokens=12")
+    assert code == 0, err
+    for B in (1, 3):
+        for name in ("eager generate()", "static cache", "MTP speculative", "transformers generate()"):
+            row = re.search(rf"{re.escape(name)} +{B} \| +([\d,]+) +([\d.]+) \| +(\S+) \| (.*)", out)
+            assert row and float(row[1].replace(",", "")) > 0, (name, B, out)
+            if name != "transformers generate()":  # its group-limited routing fills 0, not -inf: not a twin
+                assert row[4] == f"{B} of {B} rows", (name, B, row[0])
+            if name == "MTP speculative":
+                assert 0 <= float(row[3].rstrip("%")) <= 100
+        for name in ("static + CUDA graph", "MTP speculative + CUDA graph"):
+            assert re.search(rf"{re.escape(name)} +{B} \| skipped: CUDA graphs need a GPU", out) or torch.cuda.is_available()
