@@ -573,6 +573,8 @@ class Decoder:
                  speculative=False, cuda_graph=False):
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding proposes tokens with the MTP module; this model has n_mtp=0")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: expected at least 1")
         device = model.head.weight.device
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True captures CUDA graphs; the model is on {device}")

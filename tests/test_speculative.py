@@ -284,6 +284,10 @@ def test_speculative_token_is_distributed_as_p():
 def test_decode_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="MTP module; this model has n_mtp=0"):
         next(model.decode(make(tiny(n_mtp=0)), torch.zeros(1, 3, dtype=torch.long), 4, speculative=True))
+    with pytest.raises(ValueError, match="max_new_tokens=0: expected at least 1"):
+        next(model.decode(make(tiny()), torch.zeros(1, 3, dtype=torch.long), 0))
+    with pytest.raises(ValueError, match="sequence of 41 tokens exceeds max_seq_len=40"):
+        next(model.decode(make(tiny()), torch.zeros(1, 41, dtype=torch.long), 4))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda_graph=True captures CUDA graphs; the model is on cpu"):
             next(model.decode(make(tiny()), torch.zeros(1, 3, dtype=torch.long), 4, cuda_graph=True))
