@@ -29,10 +29,11 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
                             simulate()'s; on one process one stage's F, B, W and an overlapped F&B pair
                             against F then B, and the bubbles simulate() predicts from them at PP 4 and 8
                             (CPU or GPU)
-    python bench.py decode [--preset=nano --ckpt=out --batch_sizes=1,32 --prompt_len=32 --new_tokens=64]
+    python bench.py decode [--preset=nano --ckpt=out --batch_sizes=1,32 --prompt_len=32 --new_tokens=64 --rows=]
                             decoding tokens/s and ms per step: generate(), decode()'s static cache,
-                            the same captured as CUDA graphs, MTP speculative decoding (its acceptance
-                            rate), transformers' generate() on the exported weights; CPU or GPU (the
+                            the same captured as CUDA graphs, and compiled then captured, MTP speculative
+                            decoding likewise (its acceptance rate), transformers' generate() on the
+                            exported weights (--rows=a,b: only the methods named so); CPU or GPU (the
                             CUDA-graph rows are skipped on the CPU)
 
 Timings are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs), except
@@ -536,6 +537,21 @@ def _bench_one_stage(args, batch_size, seq_len, chunks, cuda):
     print(f"through the pieces: F {t['Fp'] * 1e3:.2f} ms, B {t['Bp'] * 1e3:.2f} ms; an F&B pair overlapped "
           f"{t['F&B'] * 1e3:.2f} ms against F then B {(t['F'] + t['B']) * 1e3:.2f} ms "
           f"({t['F&B'] / (t['F'] + t['B']):.2f}x)")
+    if cuda:  # how much of each the GPU spends in kernels: below 100%, the host is what it waits for
+        def f_then_b():
+            torch.autograd.backward(*forward()[1:])
+
+        def pair():
+            with autocast:
+                tape_a, fwd_a = forward_pieces()
+                dualpipe.overlapped(fwd_a, dualpipe.Backward(None, False))
+                seed(tape_a, fwd_a)
+                _, fwd_b = forward_pieces()
+            return lambda: dualpipe.overlapped(fwd_b, dualpipe.Backward(tape_a, True))
+        busy = [_busy(f_then_b, clock), _busy(pair(), clock, autocast)]
+        stage.zero_grad(set_to_none=True)
+        print(f"GPU busy (kernel time / wall time, under the profiler): F then B {busy[0]:.0%}, "
+              f"the overlapped F&B pair {busy[1]:.0%}")
     measured = {"F": t["F"], "B": t["B"] - t["W"], "W": t["W"]}
     variants = {"dualpipe overlapped": {**measured, "F&B": t["F&B"]},
                 "dualpipe F then B": {**measured, "F&B": t["F"] + t["B"]}}
@@ -548,6 +564,18 @@ def _bench_one_stage(args, batch_size, seq_len, chunks, cuda):
         sims = [dualpipe.simulate(dualpipe.schedule(pp, C), v) for v in variants.values()]
         sims.append(dualpipe.simulate(dualpipe.schedule_1f1b(pp, C), variants["dualpipe F then B"]))
         print(f"{pp:>3} {C:>6} | " + " | ".join(f"{s.bubble * 1e3:>26.2f} {s.makespan * 1e3:>9.2f}" for s in sims))
+
+
+def _busy(fn, clock, context=None):
+    """The sum of the CUDA kernels' times during one call of fn, over its wall time."""
+    import contextlib
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof, context or contextlib.nullcontext():
+        t0 = clock()
+        fn()
+        wall = clock() - t0
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 / wall
 
 
 def bench_ep(tokens=4096, dim=7168, topk=8, experts=256, moe_inter=2048, limited=4, local_world=0, iters=10,
@@ -754,15 +782,18 @@ def _bench_ep_local(tokens, dim, topk, experts, iters, cuda):
               f"({moved[1] / t_c / 1e9:5.0f} GB/s, {moved[1] / t_c / copy_bw:4.0%} of copy)")
 
 
-def bench_decode(preset="nano", ckpt="", batch_sizes="1,32", prompt_len=32, new_tokens=64, temperature=0, hf=1):
+def bench_decode(preset="nano", ckpt="", batch_sizes="1,32", prompt_len=32, new_tokens=64, temperature=0, hf=1,
+                 rows=""):
     """Decoding tokens/s (model.py, 5.4.3): generate() (the latent cache read up to the position), the
-    static cache of decode(), the same captured as CUDA graphs (GPU only), MTP speculative decoding
-    eager and graph-captured, with its acceptance rate, and transformers' generate on the exported
+    static cache of decode(), the same captured as CUDA graphs, and compiled then captured (GPU only),
+    MTP speculative decoding in the same three ways, with its acceptance rate, and transformers' generate on the exported
     weights as the anchor (hf=0 skips it). ckpt: a train.py checkpoint (the EMA weights, as sample.py),
     else a freshly initialized preset, whose MTP module proposes at random (acceptance about 1/V).
     Prompts are random tokens, prompt_len each; every row decodes new_tokens (no end-of-text stop).
-    Greedy by default, so every method should give the same tokens: the last column says how many do.
-    Times: the best of three runs after a warm-up; ms/token is per step of the batch."""
+    Greedy by default, so every method should give the same tokens: the last column says how many rows
+    get the tokens of the batch's first method.
+    Times: the best of three runs after a warm-up; ms/token is per step of the batch. rows: only the
+    methods whose names contain one of these comma-separated parts (e.g. rows="CUDA graph")."""
     import tempfile
     from types import SimpleNamespace
 
@@ -781,26 +812,31 @@ def bench_decode(preset="nano", ckpt="", batch_sizes="1,32", prompt_len=32, new_
     _header(f"decode: {ckpt or preset} ({m.args.n_layers} layers, d={m.args.dim}, vocab {m.args.vocab_size}), "
             f"prompts of {prompt_len}, {new_tokens} new tokens, temperature {temperature}, {dtype}")
     top = dict(temperature=float(temperature), top_k=None, top_p=None)
-    methods = [("eager generate()", lambda idx, _: _generate(m, idx, new_tokens, top)),
-               ("static cache", lambda idx, st: _decode(m, idx, new_tokens, top, False, False, st)),
-               ("static + CUDA graph", lambda idx, st: _decode(m, idx, new_tokens, top, False, True, st)),
-               ("MTP speculative", lambda idx, st: _decode(m, idx, new_tokens, top, True, False, st)),
-               ("MTP speculative + CUDA graph", lambda idx, st: _decode(m, idx, new_tokens, top, True, True, st))]
-    if hf:
+    methods = [("eager generate()", lambda idx, _: _generate(m, idx, new_tokens, top))]
+    for spec in (False, True):                      # (name, cuda_graph, compile)
+        for name, graph, comp in (("", False, False), (" + CUDA graph", True, False),
+                                  (" + compiled + CUDA graph", True, True)):
+            methods.append((("MTP speculative" if spec else "static cache") + name,
+                            lambda idx, st, s=spec, g=graph, c=comp: _decode(m, idx, new_tokens, top, s, g, st, c)))
+    if rows:
+        methods = [(name, run) for name, run in methods if any(part in name for part in str(rows).split(","))]
+    if hf and (not rows or any(part in "transformers generate()" for part in str(rows).split(","))):
         methods.append(("transformers generate()", _hf_generate(m, tempfile.mkdtemp(), new_tokens, top, dev, dtype)))
         if methods[-1][1] is None:
             methods.pop()
             print("(transformers is not installed, so no anchor row: pip install -r requirements-test.txt)")
-    print(f"{'method':>30} {'batch':>5} | {'tokens/s':>9} {'ms/token':>9} | {'acceptance':>10} | same tokens as eager")
+    from torch._dynamo.utils import counters
+    counters.clear()
+    print(f"{'method':>40} {'batch':>5} | {'tokens/s':>9} {'ms/token':>9} | {'acceptance':>10} | same tokens as the first row")
     for B in (int(b) for b in str(batch_sizes).split(",")):
         idx = torch.randint(0, m.args.vocab_size, (B, prompt_len), device=dev)
         reference = None
         for name, run in methods:
             if "CUDA graph" in name and not cuda:
-                print(f"{name:>30} {B:>5} | skipped: CUDA graphs need a GPU")
+                print(f"{name:>40} {B:>5} | skipped: CUDA graphs need a GPU")
                 continue
             if name.startswith("MTP") and not len(m.mtp):
-                print(f"{name:>30} {B:>5} | skipped: the model has no MTP module")
+                print(f"{name:>40} {B:>5} | skipped: the model has no MTP module")
                 continue
             stats = {}
             run(idx, stats)  # warm-up: graph capture, allocator, lazy initializations
@@ -815,8 +851,11 @@ def bench_decode(preset="nano", ckpt="", batch_sizes="1,32", prompt_len=32, new_
             reference = tokens if reference is None else reference
             same = f"{sum(a == b for a, b in zip(tokens, reference))} of {B} rows" if top["temperature"] == 0 else "- (sampling)"
             rate = f"{stats['accepted'] / stats['proposed']:.1%}" if stats.get("proposed") else "-"
-            print(f"{name:>30} {B:>5} | {B * new_tokens / dt:>9,.0f} {dt / new_tokens * 1e3:>9.2f} | {rate:>10} | {same}")
-    if not cuda:
+            print(f"{name:>40} {B:>5} | {B * new_tokens / dt:>9,.0f} {dt / new_tokens * 1e3:>9.2f} | {rate:>10} | {same}")
+    if cuda:
+        print(f"torch.compile (the compiled rows): {counters['stats']['unique_graphs']} graph(s), "
+              f"{sum(counters['graph_break'].values())} graph break(s)")
+    else:
         print("(no CUDA: the CUDA-graph rows are skipped; CPU timings say little about the GPU)")
 
 
@@ -830,10 +869,10 @@ def _generate(m, idx, new_tokens, top):
         return torch.stack(list(m.generate(idx, new_tokens, **top)), 1).tolist()
 
 
-def _decode(m, idx, new_tokens, top, speculative, cuda_graph, stats):
+def _decode(m, idx, new_tokens, top, speculative, cuda_graph, stats, compile=False):
     import model as model_lib
     return model_lib.collect(model_lib.decode(m, idx, new_tokens, **top, speculative=speculative,
-                                              cuda_graph=cuda_graph, stats=stats))
+                                              cuda_graph=cuda_graph, stats=stats, compile=compile))
 
 
 def _hf_generate(m, folder, new_tokens, top, dev, dtype):

@@ -565,12 +565,15 @@ class Decoder:
     budget, and when speculative, the MTP module's proposal and the q it was drawn from; the latent
     caches of the main model and of the MTP block (depth 1; deeper modules are not used), `slots`
     positions for each row, and the step. prefill() and step() return (tokens (B, K), counts (B,)).
-    cuda_graph=True captures the model's part of each step as one CUDA graph at its first call and
-    replays it after; sampling stays outside the graph. GPU only, and written without a GPU at hand:
-    not yet run or measured (the MoE layers need the grouped expert GEMM there: Hopper, BF16)."""
+    compile=True runs the model's part of each step through torch.compile, which fuses its many small
+    operations (about 1,500 aten calls per step for `small`, most of them too small to keep a GPU busy
+    at batch 1) into fewer kernels. cuda_graph=True captures the model's part of each step (compiled
+    or not) as one CUDA graph at its first call and replays it after, so the host launches one graph
+    per step instead of each kernel; sampling stays outside the graph. GPU only (the MoE layers need
+    the grouped expert GEMM there: Hopper, BF16)."""
 
     def __init__(self, model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=None,
-                 speculative=False, cuda_graph=False):
+                 speculative=False, cuda_graph=False, compile=False):
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding proposes tokens with the MTP module; this model has n_mtp=0")
         if max_new_tokens < 1:
@@ -585,8 +588,11 @@ class Decoder:
         slots = min(int(self.lengths.max()) + max_new_tokens, L + 1)  # a running row's last proposal may sit at L
         self.cache = model.new_cache(B, slots)
         self.mtp_cache = model.new_cache(B, slots, mtp=True)[:1] if speculative else None
-        self.main = graphed(self.main_step) if cuda_graph else self.main_step
-        self.draft = graphed(self.draft_step) if cuda_graph else self.draft_step
+        self.main, self.draft = self.main_step, self.draft_step
+        if compile:
+            self.main, self.draft = (torch.compile(f, dynamic=False) for f in (self.main, self.draft))
+        if cuda_graph:
+            self.main, self.draft = graphed(self.main), graphed(self.draft)
         self.rows = torch.arange(B, device=device)
         self.counters = torch.zeros(2, dtype=torch.long, device=device)  # proposals verified, accepted
 
@@ -728,7 +734,7 @@ def pad_prompts(prompts, device):
 
 @torch.no_grad()
 def decode(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot=None,
-           speculative=False, cuda_graph=False, stats=None):
+           speculative=False, cuda_graph=False, stats=None, compile=False):
     """Batched decoding over a static latent cache, each row at its own position; speculative=True
     adds the MTP module's proposals (above). prompts: a (B, T) tensor of ids, or B lists of ids of any
     lengths. Yields (tokens (B, K), counts (B,)) per step: row b's next tokens are tokens[b, :counts[b]]
@@ -736,8 +742,8 @@ def decode(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
     position per row, it is not limited to batch 1. A row stops after its first eot (generate stops
     once every row has one), after max_new_tokens, or with a token at position max_seq_len; greedy
     decoding (temperature 0) gives generate's tokens. stats, a dict, gets the steps taken, the
-    proposals verified and those accepted. cuda_graph=True: see Decoder."""
-    dec = Decoder(model, prompts, max_new_tokens, temperature, top_k, top_p, eot, speculative, cuda_graph)
+    proposals verified and those accepted. cuda_graph=True and compile=True: see Decoder."""
+    dec = Decoder(model, prompts, max_new_tokens, temperature, top_k, top_p, eot, speculative, cuda_graph, compile)
     stats = {} if stats is None else stats
     stats.update(steps=0, proposed=0, accepted=0)
     yield dec.prefill()

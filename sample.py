@@ -8,12 +8,14 @@ module proposing the token after next (speculative decoding, 5.4.3).
     python sample.py --ckpt=path/to/DeepSeek-V3-format-dir
     python sample.py --speculative=none               # one token per forward of the model
     python sample.py --device=cuda --cuda_graph       # each decoding step replayed as a CUDA graph
+    python sample.py --device=cuda --cuda_graph --compile  # ... and compiled first (fewer, fused kernels)
 
 --speculative=mtp (the default when the checkpoint has an MTP module) runs model.decode: each step
 the main model verifies the MTP module's proposal and gives the token after it, so one forward yields
 one or two tokens. The output follows the same distribution as --speculative=none (greedy: the same
-tokens); the acceptance rate is printed at the end. --cuda_graph (GPU only; written, not yet measured)
-captures the model's part of each decoding step, over a static cache, as one CUDA graph.
+tokens); the acceptance rate is printed at the end. --cuda_graph (GPU only) captures the model's part
+of each decoding step, over a static cache, as one CUDA graph; --compile runs it through torch.compile
+first (the first tokens then wait for the compilation). README.md has the measured speeds.
 
 A checkpoint is train.py's ckpt.pt (its tokenizer sits beside it), the folder that holds it, or a
 Hugging Face-format DeepSeek-V3 directory (config.json + *.safetensors) loaded with
@@ -49,7 +51,8 @@ ema = True                   # use the EMA weights of a train.py checkpoint
 device = "auto"              # auto | cpu | cuda | cuda:N
 seed = 1337                  # sampling RNG
 speculative = "mtp"          # mtp: the MTP module proposes the token after next (5.4.3), if the checkpoint has one; none
-cuda_graph = False           # replay each decoding step as one CUDA graph (GPU only, not yet measured)
+cuda_graph = False           # replay each decoding step as one CUDA graph (GPU only)
+compile = False              # torch.compile each decoding step (fused kernels; compiles at the first tokens)
 
 SETTINGS = {k: v for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (int, float, bool, str)}
 LIMITS = [("num_samples", lambda v: v >= 1, "at least 1"), ("max_new_tokens", lambda v: v >= 1, "at least 1"),
@@ -147,12 +150,12 @@ def stream_tokens(c, model, idx, new_tokens, eot, speculative, stats):
     """The new token ids one at a time: generate() one token per forward, or decode() (speculative,
     or over the static cache for CUDA graphs), one or two per step."""
     top = dict(temperature=c.temperature, top_k=c.top_k or None, top_p=c.top_p, eot=eot)
-    if not (speculative or c.cuda_graph):
+    if not (speculative or c.cuda_graph or c.compile):
         for tok in model.generate(idx, new_tokens, **top):
             yield tok.item()
         return
     for tokens, counts in model_lib.decode(model, idx, new_tokens, **top, speculative=speculative,
-                                           cuda_graph=c.cuda_graph, stats=stats):
+                                           cuda_graph=c.cuda_graph, compile=c.compile, stats=stats):
         yield from tokens[0, :counts[0]].tolist()
 
 
@@ -197,7 +200,7 @@ def main(argv=None):
         proposed, accepted = proposed + stats.get("proposed", 0), accepted + stats.get("accepted", 0)
     dt = time.time() - t0
     print(f"{generated} tokens in {dt:.2f}s: {generated / dt:.1f} tokens/s ({dev.type}"
-          f"{', CUDA graphs' if c.cuda_graph else ''})", file=sys.stderr)
+          f"{', compiled' if c.compile else ''}{', CUDA graphs' if c.cuda_graph else ''})", file=sys.stderr)
     if speculative:
         print(f"speculative decoding (MTP): {accepted} of {proposed} proposals accepted, acceptance rate "
               f"{accepted / max(proposed, 1):.1%}", file=sys.stderr)

@@ -77,6 +77,19 @@ def test_static_decode_gives_the_tokens_of_generate(dtype, monkeypatch):
         torch.testing.assert_close(torch.cat(steps, 1), dynamic, rtol=tol, atol=tol)
 
 
+def test_compiled_decode_gives_the_tokens_of_the_eager_one():
+    """compile=True (torch.compile of each step's model part, the twin of the eager step): the same
+    greedy tokens, plain and speculative, batched with prompts of different lengths."""
+    m = make(tiny(), torch.float32)
+    prompts = random_prompts(6, 16, 10)
+    for speculative in (False, True):
+        eager = model.collect(model.decode(m, prompts, 12, temperature=0, speculative=speculative))
+        stats = {}
+        got = model.collect(model.decode(m, prompts, 12, temperature=0, speculative=speculative, compile=True,
+                                         stats=stats))
+        assert got == eager and stats["steps"] > 0
+
+
 def test_prompts_of_different_lengths_share_a_batch():
     """Right-padded prompts, each row at its own position: every row gets the tokens it gets alone,
     up to the end of max_seq_len (a prompt that fills it gets one token, as with generate)."""
@@ -353,5 +366,6 @@ def test_bench_decode_runs_on_the_cpu(trained):
                 assert row[4] == f"{B} of {B} rows", (name, B, row[0])
             if name == "MTP speculative":
                 assert 0 <= float(row[3].rstrip("%")) <= 100
-        for name in ("static + CUDA graph", "MTP speculative + CUDA graph"):
+        for name in ("static cache + CUDA graph", "static cache + compiled + CUDA graph",
+                     "MTP speculative + CUDA graph", "MTP speculative + compiled + CUDA graph"):
             assert re.search(rf"{re.escape(name)} +{B} \| skipped: CUDA graphs need a GPU", out) or torch.cuda.is_available()
