@@ -200,7 +200,8 @@ def main(argv=None):
         proposed, accepted = proposed + stats.get("proposed", 0), accepted + stats.get("accepted", 0)
     dt = time.time() - t0
     print(f"{generated} tokens in {dt:.2f}s: {generated / dt:.1f} tokens/s ({dev.type}"
-          f"{', compiled' if c.compile else ''}{', CUDA graphs' if c.cuda_graph else ''})", file=sys.stderr)
+          f"{', compiled: the compilation counts in the time' if c.compile else ''}"
+          f"{', CUDA graphs' if c.cuda_graph else ''})", file=sys.stderr)
     if speculative:
         print(f"speculative decoding (MTP): {accepted} of {proposed} proposals accepted, acceptance rate "
               f"{accepted / max(proposed, 1):.1%}", file=sys.stderr)
