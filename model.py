@@ -76,7 +76,9 @@ class ModelArgs:
     n_expert_groups: int = 4        # groups (nodes in V3) the routed experts are split into
     n_limited_groups: int = 2       # M: groups a token may be routed to
     route_scale: float = 1.0        # scales the normalized gates (2.5 in V3)
-    balance_alpha: float = 1e-4     # alpha, sequence-wise balance loss weight
+    balance: str = "bias"           # bias (aux-loss-free, V3) | aux (expert-level loss) | none (moe.py)
+    balance_alpha: float = 1e-4     # alpha, sequence-wise balance loss weight (balance=bias)
+    aux_alpha: float = 0.001        # alpha of the expert-level loss (balance=aux; DeepSeekMoE's 0.001)
     # MTP (2.2)
     n_mtp: int = 1                  # D, prediction depth
     mtp_lambda: float = 0.3         # lambda, MTP loss weight (train.py schedules it)
@@ -96,6 +98,7 @@ class ModelArgs:
 
     def __post_init__(self):
         check(self.n_heads > 0, "n_heads", self.n_heads, "a positive number of attention heads")
+        check(self.balance in ("bias", "aux", "none"), "balance", self.balance, "bias, aux or none")
         check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim,
               "an even number (RoPE rotates pairs)")
         check(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers", self.n_dense_layers,
@@ -362,6 +365,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn = MLA(args)
         self.ffn = DenseFFN(args) if layer_id < args.n_dense_layers else MoE(args, linear=linear_cls(args))
+        self.ffn.layer_id = layer_id
 
     def forward(self, x, cos, sin, start_pos=0, cache=None):
         x = x + self.attn(x, cos, sin, start_pos, cache)
@@ -974,6 +978,7 @@ def from_pretrained(path, **overrides):
     model.cos, model.sin = cos, sin
     for moe in model.moe_layers():
         moe.load = torch.zeros(args.n_routed_experts)
+        moe.last_load, moe.run_load = (torch.zeros(args.n_routed_experts, dtype=torch.int64) for _ in range(2))
     return model
 
 

@@ -8,6 +8,13 @@ DeepSeekMoE with auxiliary-loss-free load balancing (DeepSeek-V3 report, arXiv 2
     b_i  += gamma * sign(mean_load - load_i)   after each step (no gradient)           2.1.2
     L_Bal = alpha * sum_i f_i P_i,  per sequence                                       eqs. 17-20
 
+Balancing, args.balance (train.py --balance), each choice one function below:
+    bias   the auxiliary-loss-free update of b (update_bias) and the small sequence-wise loss
+           (sequence_balance_loss, eqs. 17-20, alpha = balance_alpha): V3's recipe
+    aux    no bias update (b stays 0); the conventional expert-level loss over the whole batch
+           (expert_balance_loss, alpha = aux_alpha): the baseline of the aux-loss-free paper
+    none   neither: no balance loss, b stays 0 (routing is free to collapse)
+
 Pieces, top to bottom:
     MLP             the SwiGLU expert (also the dense FFN of the first blocks, and the shared experts)
     Gate            the router: sigmoid affinities s, the bias b used only to choose, group (node)
@@ -15,7 +22,9 @@ Pieces, top to bottom:
     LocalDispatcher moves each token to its K experts on this process (sort by expert) and back
     Experts         the routed experts' weights stacked as [E, out, in], one grouped GEMM each
     MoE             norm -> gate -> dispatch -> experts -> combine, plus shared experts
-    update_bias     the auxiliary-loss-free bias update, with MaxVio as the balance metric
+    balance_loss    the loss args.balance adds per layer: sequence-wise, expert-level, or none
+    update_bias     the auxiliary-loss-free bias update, with MaxVio as the balance metric (per step
+                    and over the run), read by train.py without a host synchronization
     recompute       selective activation recomputation (section 3.2.3), shared with model.py
 
 Seams: `Experts` is where FP8 grouped GEMMs plug in (fp8.py; `x_q` takes rows that arrived in
@@ -225,6 +234,10 @@ class MoE(nn.Module):
         self.dispatcher = dispatcher or LocalDispatcher(args.n_routed_experts)
         # Tokens routed to each expert since the last update_bias(): the "load" of 2.1.2.
         self.register_buffer("load", torch.zeros(args.n_routed_experts), persistent=False)
+        # update_bias() keeps the last step's load (summed over ranks) and the sum over the run, on device
+        self.register_buffer("last_load", torch.zeros(args.n_routed_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer("run_load", torch.zeros(args.n_routed_experts, dtype=torch.int64), persistent=False)
+        self.layer_id = None  # the block this layer belongs to (model.Block sets it): its name in the log
         self.balance_loss = None
 
     def norm_score(self, x):
@@ -249,8 +262,7 @@ class MoE(nn.Module):
         idx, g = self.gate.route(s)  # (N, K), (N, K)
         if torch.is_grad_enabled():  # a training step: count the load for update_bias()
             self.load += tokens_per_expert(idx.flatten(), self.load.numel())
-        self.balance_loss = sequence_balance_loss(s.view(B, -1, s.shape[-1]), idx.view(B, -1, idx.shape[-1]),
-                                                  self.args.balance_alpha)
+        self.balance_loss = balance_loss(self.args, s.view(B, -1, s.shape[-1]), idx.view(B, -1, idx.shape[-1]))
         return h, idx, g
 
     def forward(self, x):
@@ -277,21 +289,52 @@ def sequence_balance_loss(s, idx, alpha):
     return alpha * (f * P).sum(-1).mean()  # eq. 17
 
 
+def expert_balance_loss(s, idx, alpha):
+    """The conventional expert-level auxiliary loss, over the whole batch as one sequence:
+    L_Bal = alpha * sum_i f_i P_i, f_i = E / (K T) * count_i, P_i = mean_t s'_it with T all the
+    batch's tokens (DeepSeekMoE, arXiv 2401.06066 eq. 12; the baseline of arXiv 2408.15664 eq. 2).
+    Those papers' softmax affinities sum to 1 per token; the sigmoid ones here are normalized first,
+    s' = s / sum_j s_j, as eq. 19 does. s: (B, T, E), idx: (B, T, K)."""
+    B, T, E = s.shape
+    return sequence_balance_loss(s.reshape(1, B * T, E), idx.reshape(1, B * T, -1), alpha)
+
+
+def balance_loss(args, s, idx):
+    """The balance loss args.balance adds for this layer: a 0-dim tensor (0 for "none")."""
+    if args.balance == "bias":
+        return sequence_balance_loss(s, idx, args.balance_alpha)
+    if args.balance == "aux":
+        return expert_balance_loss(s, idx, args.aux_alpha)
+    return s.new_zeros(())
+
+
 @torch.no_grad()
 def update_bias(moe_layers, gamma, all_reduce=None):
-    """b_i += gamma * sign(mean_load - load_i) per layer; returns each layer's MaxVio.
+    """b_i += gamma * sign(mean_load - load_i) per layer; returns each layer's MaxVio, a (L,) tensor
+    on the loads' device (read it only when logging: .item() here would wait for the GPU every step).
 
-    Call after the optimizer step. `all_reduce` sums the loads over every rank first, so the
-    update sees the whole global batch (data or expert parallel); one process needs none.
-    MaxVio = max_i load_i / mean_i load_i - 1 (the balance metric of the aux-loss-free paper).
+    Call after the optimizer step, gamma = 0 for --balance=aux|none (b then stays exactly 0).
+    `all_reduce` sums the loads over every rank first, so the update sees the whole global batch
+    (data or expert parallel); one process needs none. MaxVio = max_i load_i / mean_i load_i - 1
+    (the balance metric of the aux-loss-free paper). Each layer keeps the summed load in last_load
+    and adds it to run_load, from which the run's MaxVio (maxvio(run_load)) follows.
     """
-    maxvio = []
+    out = []
     for moe in moe_layers:
         load = moe.load.clone()
         if all_reduce is not None:
             all_reduce(load)
-        mean = load.mean()
-        moe.gate.bias += gamma * torch.sign(mean - load)
-        maxvio.append((load.max() / mean - 1).item() if mean > 0 else 0.0)
+        if gamma:
+            moe.gate.bias += gamma * torch.sign(load.mean() - load)
+        out.append(maxvio(load))
+        moe.last_load.copy_(load)
+        moe.run_load += moe.last_load
         moe.load.zero_()
-    return maxvio
+    return torch.stack(out) if out else torch.zeros(0)
+
+
+def maxvio(load):
+    """max_i load_i / mean_i load_i - 1 over the last dim; 0 where nothing was routed (no host sync)."""
+    load = load.double()
+    mean = load.mean(-1)
+    return torch.where(mean > 0, load.amax(-1) / mean.clamp(min=1e-30) - 1, torch.zeros_like(mean))

@@ -17,6 +17,7 @@ What the paper's training recipe contributes here:
     AdamW (0.9, 0.95, weight decay 0.1), FP32 master weights and gradients, BF16 moments     3.3.3
     BF16 autocast on the GPU (FP8 GEMMs with --fp8=True, fp8.py)                             3.3
     the auxiliary-loss-free bias update after each step, gamma on a schedule                 2.1.2, 4.2
+      (--balance=aux: the expert-level auxiliary loss instead, the ablation's baseline; none: neither)
     the MTP loss weight lambda on a schedule                                                 2.2, 4.2
     an exponential moving average of the weights kept in CPU memory, updated off the GPU     3.2.3
     expert parallelism with all-to-all dispatch, node-limited routing (comm.py)              2.1.2, 3.2.2
@@ -49,6 +50,7 @@ import comm
 import data as data_lib
 import dualpipe
 import model as model_lib
+import moe as moe_lib
 from moe import update_bias
 
 # -----------------------------------------------------------------------------
@@ -106,7 +108,8 @@ seed = 1337                 # weights and data order
 
 SETTINGS = {k: v for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (int, float, bool, str)}
 CHOICES = dict(compile=("auto", "true", "false"), dtype=("auto", "bfloat16", "float32"),
-               moments_dtype=("bfloat16", "float32"), dispatch=("flat", "hierarchical"), pipeline=("dualpipe", "1f1b"))
+               moments_dtype=("bfloat16", "float32"), dispatch=("flat", "hierarchical"), pipeline=("dualpipe", "1f1b"),
+               balance=("bias", "aux", "none"))  # balance: a ModelArgs field (moe.py), checked here too
 ALIASES = dict(micro_batches="grad_accum")  # the pipeline's name for the micro-batches of a step
 H200_BF16_FLOPS = 989e12    # dense BF16 datasheet rate, the denominator of MFU
 LOSS_NAMES = ("loss", "main", "mtp", "balance")
@@ -588,18 +591,21 @@ def prepare_data(c, args, rank, world, fresh):
     return info, args, train, val
 
 
-def open_log(path, start):
+def open_log(path, start, header):
     """The run's log.jsonl: a fresh run starts it anew; a resumed one keeps the records up to its
-    checkpoint's step (a later record, from steps after the last checkpoint, would come twice)."""
+    checkpoint's step (a later record, from steps after the last checkpoint, would come twice).
+    Its first line is `header` ({"settings": ..., "model_args": ..., "moe_layers": ...}, what plot.py
+    reads), written anew: a resumed run's settings may differ in the RESUMABLE ones."""
     kept = []
     if start and os.path.exists(path):
         for line in open(path):
             try:
                 if json.loads(line)["step"] <= start:
                     kept.append(line)
-            except (ValueError, KeyError):  # a line cut short by a crash
+            except (ValueError, KeyError, TypeError):  # the old header, or a line cut short by a crash
                 pass
     with open(path + ".tmp", "w") as f:
+        f.write(json.dumps(header) + "\n")
         f.writelines(kept)
     os.replace(path + ".tmp", path)
     return open(path, "a")
@@ -655,6 +661,34 @@ def clip_grad_norm_(model, owned, max_norm):
     return total
 
 
+def moe_layer_ids(args):
+    """The block index of every MoE layer of the whole model, in the log's order: the main model's
+    blocks after the dense ones, then the MTP modules' blocks (layer n_layers + k)."""
+    return [*range(args.n_dense_layers, args.n_layers), *(args.n_layers + k for k in range(args.n_mtp))]
+
+
+def balance_metrics(moe_layers, ids, n_experts, maxvio=None):
+    """(the log's balance fields, the run's loads (L, E)), every MoE layer of the whole model in `ids`
+    order, read to the host here (at log steps only; update_bias leaves everything on the device).
+    Under a pipeline each rank holds some of the layers: the ranks' tables, zeros where a rank lacks
+    a layer, are combined with MAX over the CPU control group; every value is >= 0 and the copies of
+    a layer are equal (update_bias saw the loads summed over the ranks), so the MAX is each layer's.
+    maxvio: update_bias's (L,) tensor for these moe_layers; None gives zeros."""
+    batch = torch.zeros(len(ids), dtype=torch.float64)
+    load, run = (torch.zeros(len(ids), n_experts, dtype=torch.int64) for _ in range(2))
+    for j, m in enumerate(moe_layers):
+        i = ids.index(m.layer_id)
+        load[i], run[i] = m.last_load.cpu(), m.run_load.cpu()
+        batch[i] = 0.0 if maxvio is None else maxvio[j].item()
+    if dist.is_initialized():
+        for t in (batch, load, run):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=CONTROL)
+    run_vio = moe_lib.maxvio(run)
+    worst = lambda v: v.max().item() if len(ids) else 0.0  # noqa: E731
+    return dict(maxvio=worst(batch), maxvio_layers=batch.tolist(), maxvio_global=worst(run_vio),
+                maxvio_global_layers=run_vio.tolist(), load=load.tolist()), run
+
+
 def main(argv=None):
     c, args, ckpt = configure(sys.argv[1:] if argv is None else argv)
     grid, device = compute_init(c, args)
@@ -684,6 +718,9 @@ def main(argv=None):
         load_adam_moments(model, optimizer, tensors, start)
         train_loader.load_state_dict(ckpt["data"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
+        moe_ids = moe_layer_ids(args)
+        for m in model.moe_layers() if "run_load" in ckpt else []:  # the global MaxVio goes on counting
+            m.run_load.copy_(torch.tensor(ckpt["run_load"][moe_ids.index(m.layer_id)]))
     ema = EMA(model, c.ema_decay)  # from the weights training starts from, the same on every rank
     if ckpt is not None:
         ema.load_state_dict(tensors["ema"])
@@ -694,7 +731,9 @@ def main(argv=None):
     tokenizer_file = os.path.join(c.out_dir, "tokenizer.tiktoken")
     if master and info["tokenizer"] != "gpt2" and (ckpt is None or not os.path.exists(tokenizer_file)):
         data_lib.save_ranks(data_lib.load_ranks(info["tokenizer"]), tokenizer_file)
-    log_file = open_log(os.path.join(c.out_dir, "log.jsonl"), start) if master else None
+    moe_ids = moe_layer_ids(args)
+    header = dict(settings=vars(c), model_args=asdict(args), moe_layers=moe_ids)
+    log_file = open_log(os.path.join(c.out_dir, "log.jsonl"), start, header) if master else None
     if ckpt is not None:
         print0(f"resumed from {ckpt_path} at step {start}")
 
@@ -719,8 +758,9 @@ def main(argv=None):
            f"{tokens_per_step:,} tokens per step")
 
     def checkpoint(step):
+        _, run_load = balance_metrics(model.moe_layers(), moe_ids, args.n_routed_experts)
         meta = dict(model_args=asdict(args), step=step, data=train_loader.state_dict(), rng=dict(cpu=torch.get_rng_state()),
-                    config=vars(c), global_batch=c.batch_size * c.grad_accum * dp,
+                    config=vars(c), global_batch=c.batch_size * c.grad_accum * dp, run_load=run_load.tolist(),
                     tokenizer="gpt2" if info["tokenizer"] == "gpt2" else "tokenizer.tiktoken", eot=info["eot"])
         checkpoint_lib.save(ckpt_path, meta, checkpoint_share(model, ema, optimizer, owned), slices, group=CONTROL)
 
@@ -758,6 +798,7 @@ def main(argv=None):
         lr = lr_at(step, c)
         lam = c.mtp_lambda if step < c.mtp_switch * c.max_iters else c.mtp_lambda_final
         gamma = c.bias_gamma if step < c.gamma_switch * c.max_iters else c.bias_gamma_final
+        gamma = gamma if args.balance == "bias" else 0.0  # aux, none: the bias stays 0
         for group in optimizer.param_groups:
             group["lr"] = lr
         losses = forward_backward(lam)
@@ -770,7 +811,7 @@ def main(argv=None):
         maxvio = update_bias(model.moe_layers(), gamma, all_reduce)  # after the step, from this step's loads
         if (step + 1) % c.ema_interval == 0:
             ema.update(model, c.ema_decay ** c.ema_interval)
-        return losses, dict(maxvio=max(maxvio) if maxvio else 0.0, lr=lr, lam=lam, gamma=gamma, grad_norm=grad_norm)
+        return losses, maxvio, dict(lr=lr, lam=lam, gamma=gamma, grad_norm=grad_norm)
 
     def log(rec):
         if log_file:
@@ -784,7 +825,7 @@ def main(argv=None):
     interrupt = Interrupt()
     try:
         for step in bar:
-            losses, rec = train_step(step)
+            losses, maxvio, rec = train_step(step)
             steps_since += 1
             stopped = any_rank(interrupt.signum)
             if (step + 1) % c.log_interval == 0 or step + 1 == last_stop or stopped:
@@ -794,13 +835,11 @@ def main(argv=None):
                     grid.all_reduce(losses, "dp")
                     losses /= dp
                     dist.all_reduce(traffic, group=CONTROL)
-                    maxvio = torch.tensor(rec["maxvio"])  # pipeline stages hold different MoE layers
-                    dist.all_reduce(maxvio, op=dist.ReduceOp.MAX, group=CONTROL)
-                    rec["maxvio"] = maxvio.item()
+                balance_rec, _ = balance_metrics(model.moe_layers(), moe_ids, args.n_routed_experts, maxvio)
                 loss, main, mtp, balance = losses.tolist()
                 tps = steps_since * tokens_per_step / (time.time() - t0)
                 rec = dict(step=step + 1, loss=loss, main=main, mtp=mtp, balance=balance,
-                           **rec, tokens_per_s=tps)
+                           **rec, tokens_per_s=tps, **balance_rec)
                 rec["grad_norm"] = rec["grad_norm"].item()
                 if c.ep > 1:
                     rec["bytes_intra_node"], rec["bytes_inter_node"] = (int(b) for b in traffic.tolist())
@@ -809,7 +848,7 @@ def main(argv=None):
                     rec["memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
                 bar.set_postfix(main=f"{main:.3f}", tok_s=f"{tps:,.0f}")
                 print0(f"step {step + 1}: main loss {main:.4f} (total {loss:.4f}, mtp {mtp:.4f}, balance "
-                       f"{balance:.2e}), maxvio {rec['maxvio']:.3f}, lr {rec['lr']:.2e}, {tps:,.0f} tokens/s"
+                       f"{balance:.2e}), maxvio {rec['maxvio']:.3f} (run {rec['maxvio_global']:.3f}), lr {rec['lr']:.2e}, {tps:,.0f} tokens/s"
                        + (f", MFU {rec['mfu']:.1%}, {rec['memory_gb']:.1f} GB" if "mfu" in rec else ""))
                 log(rec)
                 t0, steps_since = time.time(), 0

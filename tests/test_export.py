@@ -119,7 +119,7 @@ def test_from_pretrained_reads_the_export_back_exactly(tmp_path, dtype):
     for name, t in m.state_dict().items():
         want = t if name.endswith("gate.bias") else t.to(dtype).float()
         assert torch.equal(back.state_dict()[name], want), name
-    training_only = {"init_std", "mtp_lambda", "balance_alpha", "recompute", "fp8"}
+    training_only = {"init_std", "mtp_lambda", "balance", "balance_alpha", "aux_alpha", "recompute", "fp8"}
     assert {k: v for k, v in asdict(back.args).items() if k not in training_only} == \
         {k: v for k, v in asdict(m.args).items() if k not in training_only}
 

@@ -125,12 +125,18 @@ def test_bias_update_sign_and_size():
     layer.load.copy_(torch.tensor([10.0, 2.0, 6.0, 6.0]))  # mean 6
     maxvio = moe.update_bias([layer], gamma=0.001)
     torch.testing.assert_close(layer.gate.bias, torch.tensor([0.1 - 0.001, -0.2 + 0.001, 0.0, 0.3]))
-    assert maxvio == [pytest.approx(10 / 6 - 1)]
+    assert isinstance(maxvio, torch.Tensor) and maxvio.shape == (1,)  # a tensor: nothing read on the host
+    assert maxvio.item() == pytest.approx(10 / 6 - 1, rel=1e-12)
     assert layer.load.sum() == 0  # counting restarts for the next step
     # all_reduce sees the local counts and its result drives the update
     layer.load.copy_(torch.tensor([1.0, 1.0, 1.0, 5.0]))
     moe.update_bias([layer], gamma=0.5, all_reduce=lambda t: t.mul_(2))
     torch.testing.assert_close(layer.gate.bias, torch.tensor([0.1 - 0.001 + 0.5, -0.2 + 0.001 + 0.5, 0.5, 0.3 - 0.5]))
+    # the step's summed load and the run's sum, as integers
+    assert layer.last_load.tolist() == [2, 2, 2, 10] and layer.run_load.tolist() == [12, 4, 8, 16]
+    assert moe.maxvio(layer.run_load).item() == pytest.approx(16 / 10 - 1, rel=1e-12)
+    # nothing routed: MaxVio 0, not nan
+    assert moe.update_bias([layer], gamma=0.5).tolist() == [0.0]
 
 
 def test_balance_loss_by_hand():
@@ -176,8 +182,8 @@ def test_load_counts_and_maxvio_of_a_moe_layer():
     layer(x)
     layer(x)
     assert layer.load.sum() == 2 * 30 * 4  # two micro-batches, 30 tokens, K=4
-    expected = (layer.load.max() / layer.load.mean() - 1).item()
-    assert moe.update_bias([layer], gamma=0.0)[0] == pytest.approx(expected)
+    expected = (layer.load.double().max() / layer.load.double().mean() - 1).item()
+    assert moe.update_bias([layer], gamma=0.0)[0].item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_bad_routing_arguments_name_the_argument():
