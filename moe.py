@@ -283,7 +283,7 @@ def sequence_balance_loss(s, idx, alpha):
     """
     B, T, E = s.shape
     K = idx.shape[-1]
-    chosen = torch.zeros(B, E, device=s.device).scatter_add_(1, idx.view(B, -1), torch.ones(B, T * K, device=s.device))
+    chosen = s.new_zeros(B, E).scatter_add_(1, idx.reshape(B, -1), s.new_ones(B, T * K))  # in s's dtype: FP64 tests
     f = chosen * E / (K * T)  # (B, E)  eq. 18
     P = (s / s.sum(-1, keepdim=True)).mean(1)  # (B, E)  eqs. 19-20
     return alpha * (f * P).sum(-1).mean()  # eq. 17

@@ -39,10 +39,12 @@ def test_a_few_steps_lower_the_loss(tmp_path, corpus):
 
 
 def train_steps(log):
-    """step -> (loss, main, mtp, balance, maxvio) of the logged training steps; every step once."""
+    """step -> (loss, main, mtp, balance, maxvio, the run's MaxVio per layer) of the logged training
+    steps; every step once."""
     steps = [r["step"] for r in log if "loss" in r]
     assert len(steps) == len(set(steps)), f"duplicate steps in the log: {steps}"
-    return {r["step"]: (r["loss"], r["main"], r["mtp"], r["balance"], r["maxvio"]) for r in log if "loss" in r}
+    return {r["step"]: (r["loss"], r["main"], r["mtp"], r["balance"], r["maxvio"], r.get("maxvio_global_layers"))
+            for r in log if "loss" in r}
 
 
 def vals(log):
@@ -109,6 +111,7 @@ def test_resume_takes_the_checkpoints_settings(tmp_path, corpus, capsys):
     files = {f: (out / f).read_bytes() for f in ("ckpt.pt", "tokenizer.tiktoken", "log.jsonl")}
     refused = [("--seed=7", "--seed=7: the checkpoint's run has seed=1337"),
                ("--n_layers=4", "--n_layers=4: the checkpoint's model has n_layers=2"),
+               ("--balance=aux", "--balance=aux: the checkpoint's model has balance=bias"),
                ("--preset=small", "--preset=small: the checkpoint's run has preset=nano"),
                ("--data=elsewhere.txt", "--data=elsewhere.txt: the checkpoint's run has data="),
                ("--batch_size=8", "gives 8 sequences per step; the checkpoint's run took 4")]
