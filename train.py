@@ -732,7 +732,8 @@ def main(argv=None):
     if master and info["tokenizer"] != "gpt2" and (ckpt is None or not os.path.exists(tokenizer_file)):
         data_lib.save_ranks(data_lib.load_ranks(info["tokenizer"]), tokenizer_file)
     moe_ids = moe_layer_ids(args)
-    header = dict(settings=vars(c), model_args=asdict(args), moe_layers=moe_ids)
+    header = dict(settings=vars(c), model_args=asdict(args), moe_layers=moe_ids,
+                  tokens_per_step=c.batch_size * c.seq_len * c.grad_accum * dp)
     log_file = open_log(os.path.join(c.out_dir, "log.jsonl"), start, header) if master else None
     if ckpt is not None:
         print0(f"resumed from {ckpt_path} at step {start}")
