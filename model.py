@@ -1098,12 +1098,47 @@ def save_pretrained(model, path, dtype=torch.bfloat16, max_shard_bytes=5 * 10**9
         json.dump(hf_config(model.args, bos_token_id, eos_token_id, dtype), f, indent=1)
 
 
-if __name__ == "__main__":
-    import sys
-    name = sys.argv[1] if len(sys.argv) > 1 else "nano"
-    if name not in PRESETS or len(sys.argv) > 2:
-        sys.exit(f"usage: python model.py [preset]: prints a preset's settings and parameter counts; presets: "
-                 f"{', '.join(PRESETS)}")
+# -----------------------------------------------------------------------------
+# What pre-training costs: the report's 2.664M H800 GPU-hours for 14.8T tokens (table 1), checked
+
+H800_BF16_FLOPS = 989.5e12   # dense BF16 tensor-core rate; the H800 has the H100 SXM's compute
+H800_FP8_FLOPS = 1979e12     # dense FP8
+V3_GPU_HOURS, V3_TOKENS = 2.664e6, 14.8e12  # pre-training only, as the report counts it
+# MFU of this project's BF16 `small` step on one H200 (same compute as the H800): README, Results,
+# `python bench.py step --preset=small --batch_size=16 --seq_len=1024`, 2026-12-01, commit d0440a1
+MEASURED_MFU = 0.215
+
+
+def training_cost(args, tokens, mfu=MEASURED_MFU, seq_len=4096, gpu_hours=V3_GPU_HOURS):
+    """flops_per_token at seq_len (the report's 4K pre-training context), the total for `tokens`, the
+    MFU that `gpu_hours` imply against the H800's BF16 and FP8 rates, and the GPU-hours at `mfu`
+    (of the BF16 rate, as this project measures MFU)."""
+    per_token = flops_per_token(args, seq_len)
+    total = per_token * tokens
+    seconds = gpu_hours * 3600
+    return dict(flops_per_token=per_token, total_flops=total, mfu_bf16=total / (seconds * H800_BF16_FLOPS),
+                mfu_fp8=total / (seconds * H800_FP8_FLOPS), gpu_hours_at_mfu=total / (mfu * H800_BF16_FLOPS) / 3600)
+
+
+def main(argv):
+    """python model.py [preset] [--tokens=N] [--mfu=F]: the preset's settings, parameter counts and
+    training cost."""
+    usage = (f"usage: python model.py [preset] [--tokens=N] [--mfu=F]: a preset's settings, parameter counts and "
+             f"training cost; presets: {', '.join(PRESETS)}")
+    name, opts = "nano", dict(tokens=V3_TOKENS, mfu=MEASURED_MFU)
+    for arg in argv:
+        key, eq, text = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and key in opts and eq:
+            try:
+                opts[key] = float(text)
+            except ValueError:
+                raise SystemExit(f"--{key}={text}: expected a number") from None
+            if not (opts[key] > 0 and (key != "mfu" or opts[key] <= 1)):
+                raise SystemExit(f"--{key}={text}: expected " + ("a fraction in (0, 1]" if key == "mfu" else "above 0"))
+        elif arg in PRESETS:
+            name = arg
+        else:
+            raise SystemExit(usage)
     args = preset(name)
     print(f"preset {name}: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
     notes = dict(total="all parameters of the main model; the MTP module is counted apart, below",
@@ -1111,3 +1146,20 @@ if __name__ == "__main__":
                  mtp=f"the {args.n_mtp} MTP module(s), which share the embedding and output head")
     for k, v in count_params(args).items():
         print(f"{k:>12}: {v:>16,} ({v / 1e9:.2f}B)" + (f"  {notes[k]}" if k in notes else ""))
+    tokens, mfu = opts["tokens"], opts["mfu"]
+    cost = training_cost(args, tokens, mfu)
+    print(f"training FLOPs per token: {cost['flops_per_token']:.4g} (6 per activated matmul weight, MTP included, "
+          f"plus causal attention at 4K context; train.py's MFU formula)")
+    print(f"for {tokens:.4g} tokens: {cost['total_flops']:.4g} FLOPs")
+    if name == "v3" and tokens == V3_TOKENS:  # the report's hours are for v3's pre-training
+        print(f"the report's {V3_GPU_HOURS / 1e6:.3f}M H800 GPU-hours for {tokens:.4g} tokens mean a sustained MFU of "
+              f"{cost['mfu_bf16']:.1%} of the dense BF16 rate ({H800_BF16_FLOPS / 1e12:g} TFLOP/s), "
+              f"{cost['mfu_fp8']:.1%} of the FP8 rate ({H800_FP8_FLOPS / 1e12:g} TFLOP/s)")
+    source = " (this project's: bench.py step, small, one H200, README's Results)" if mfu == MEASURED_MFU else ""
+    hours = cost["gpu_hours_at_mfu"]
+    print(f"at MFU {mfu:.1%} of BF16{source}: {hours:,.0f} H800 GPU-hours ({hours / 1e6:.3f}M)")
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])

@@ -1,6 +1,7 @@
 """The model: MLA paths, the latent cache, YaRN, MTP, recompute, parameter counts (model.py)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -207,3 +208,40 @@ def test_bad_arguments_raise_clear_errors():
     m = make(tiny())
     with pytest.raises(ValueError, match="max_seq_len"):
         m(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_training_cost_by_hand(capsys):
+    """model.py's cost printout on nano: FLOPs per token counted from the built model's parameters
+    (6 per activated weight, each MTP module with the output head once more, causal attention at 4K),
+    then the totals, the MFU the report's hours imply and the hours at a given MFU, by hand."""
+    import random
+    args = model.preset("nano")
+    m = model.Transformer(args)
+    K_over_E = args.n_activated_experts / args.n_routed_experts
+    weights = lambda named: sum(p.numel() * (K_over_E if ".experts." in n else 1) for n, p in named)  # noqa: E731
+    main = weights((n, p) for n, p in m.named_parameters() if not n.startswith(("mtp.", "embed.")))
+    mtp = weights((n, p) for n, p in m.named_parameters() if n.startswith("mtp.")) + args.n_mtp * m.head.weight.numel()
+    heads = args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim)
+    attention = (args.n_layers + args.n_mtp) * 6 * heads * 4096 / 2
+    per_token = 6 * (main + mtp) + attention
+    tokens, mfu = random.randint(10**9, 10**12), round(random.uniform(0.1, 0.6), 3)
+    cost = model.training_cost(args, tokens, mfu)
+    assert cost["flops_per_token"] == pytest.approx(per_token, rel=1e-12)
+    assert cost["total_flops"] == pytest.approx(per_token * tokens, rel=1e-12)
+    seconds = 2.664e6 * 3600
+    assert cost["mfu_bf16"] == pytest.approx(per_token * tokens / (seconds * 989.5e12), rel=1e-12)
+    assert cost["mfu_fp8"] == pytest.approx(cost["mfu_bf16"] / 2, rel=1e-3)  # 1979 = 2 x 989.5
+    hours = per_token * tokens / (mfu * 989.5e12) / 3600
+    assert cost["gpu_hours_at_mfu"] == pytest.approx(hours, rel=1e-12)
+    model.main(["nano", f"--tokens={tokens}", f"--mfu={mfu}"])
+    printed = capsys.readouterr().out
+    assert f"training FLOPs per token: {per_token:.4g}" in printed
+    assert f"at MFU {mfu:.1%} of BF16: {hours:,.0f} H800 GPU-hours" in printed
+    assert "report's" not in printed  # the report's hours are v3's only
+    model.main(["v3"])
+    v3 = model.training_cost(model.preset("v3"), 14.8e12)
+    assert f"mean a sustained MFU of {v3['mfu_bf16']:.1%} of the dense BF16 rate" in capsys.readouterr().out
+    for bad, message in [("--mfu=0", "--mfu=0: expected a fraction in (0, 1]"), ("--tokens=x", "--tokens=x: expected a number"),
+                         ("--size=3", "usage: python model.py")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            model.main(["nano", bad])
