@@ -85,13 +85,13 @@ def test_aux_and_none_leave_the_bias_at_zero(tmp_path, corpus, balance):
 
 
 def test_bias_moves_the_bias(tmp_path, corpus):
-    run(tmp_path, corpus, "--max_iters=2", "--eval_interval=2", "--bias_gamma=0.01")
+    run(tmp_path, corpus, "--max_iters=3", "--eval_interval=3", "--bias_gamma=0.01")
     _, tensors = checkpoint.load(str(tmp_path / "ckpt.pt"))
     for n, b in tensors["model"].items():
-        if n.endswith("gate.bias"):  # two steps of +-0.01 (or 0 where a load sat at the mean)
+        if n.endswith("gate.bias"):  # three steps of +-0.01 (or 0 where a load sat at the mean): odd unless so
             k = (b / 0.01).round()
             torch.testing.assert_close(b, k * 0.01, rtol=0, atol=1e-6)
-            assert k.abs().max() <= 2 and k.abs().sum() > 0
+            assert k.abs().max() <= 3 and k.abs().sum() > 0
 
 
 def test_bad_balance_is_refused_in_one_line(tmp_path):
