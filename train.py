@@ -518,6 +518,42 @@ def evaluate(main_loss, loader_factory, steps, grad_accum, grid):
     return (total / grid.layout.dp / steps).item()
 
 
+class FiniteCheck:
+    """check_finite on every step's losses without making the host wait for the GPU each step: on
+    CUDA the losses are copied into pinned host memory as the GPU reaches them (non_blocking, with an
+    event) and checked at the next step, once that step's work is queued behind them, so the GPU
+    never runs dry. done() checks the pending step at once: before a log line or a checkpoint, which
+    therefore never hold the weights of a step whose loss was not finite."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.pending = None  # (losses on the host, the event after their copy or None, step)
+
+    def submit(self, losses, step):
+        previous = self.pending
+        if self.cuda:
+            host = torch.empty(losses.shape, dtype=losses.dtype, pin_memory=True)
+            host.copy_(losses, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (host, event, step)
+        else:
+            self.pending = (losses.clone(), None, step)
+        if previous is not None:
+            self._check(*previous)
+
+    def done(self):
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self._check(*pending)
+
+    @staticmethod
+    def _check(losses, event, step):
+        if event is not None:
+            event.synchronize()  # only as far as that step's losses: later work keeps the GPU busy
+        check_finite(losses, step)
+
+
 def check_finite(losses, step):
     bad = [name for name, v in zip(LOSS_NAMES, losses.tolist()) if not math.isfinite(v)]
     if bad:
@@ -803,7 +839,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         losses = forward_backward(lam)
-        check_finite(losses, step + 1)
+        finite.submit(losses, step + 1)  # checked at the next step, or before a log line or checkpoint
         reduce_gradients()
         grad_norm = clip()
         ema.before_optimizer_step()
@@ -820,6 +856,7 @@ def main(argv=None):
             log_file.flush()
 
     last_stop = c.stop_iter if 0 < c.stop_iter < c.max_iters else c.max_iters
+    finite = FiniteCheck(device)
     t0, steps_since, stopped = time.time(), 0, False
     grid.traffic.reset()
     bar = tqdm(range(start, last_stop), initial=start, total=c.max_iters, disable=not master, dynamic_ncols=True)
@@ -830,6 +867,7 @@ def main(argv=None):
             steps_since += 1
             stopped = any_rank(interrupt.signum)
             if (step + 1) % c.log_interval == 0 or step + 1 == last_stop or stopped:
+                finite.done()
                 # per step, summed over the ranks: expert-parallel bytes that stayed in a node / crossed nodes
                 traffic = torch.tensor([grid.traffic.intra, grid.traffic.inter], dtype=torch.float64) / steps_since
                 if world > 1:
@@ -861,6 +899,7 @@ def main(argv=None):
                 print0(f"step {step + 1}: val loss {val:.4f}, EMA val loss {val_ema:.4f}")
                 log(dict(step=step + 1, val_loss=val, val_loss_ema=val_ema))
             if stopped or (step + 1) % c.eval_interval == 0 or step + 1 == last_stop:
+                finite.done()
                 checkpoint(step + 1)
                 t0, steps_since = time.time(), 0  # evaluation and checkpoint time is not training time
                 grid.traffic.reset()

@@ -171,6 +171,21 @@ def test_nan_stops_the_run_naming_step_and_quantity(tmp_path, corpus):
         train.check_finite(torch.tensor([1.0, 2.0, float("inf"), 0.1]), 7)
 
 
+@pytest.mark.parametrize("eval_interval", [3, 4])
+def test_a_loss_that_is_not_finite_stops_before_anything_is_written(tmp_path, corpus, monkeypatch, eval_interval):
+    """A NaN learning rate at step 5 makes the weights NaN, so step 6's loss is NaN. The check runs a step
+    late (FiniteCheck, so the host does not wait for the GPU every step) yet before every checkpoint: the
+    error names step 6, whether step 6 writes a checkpoint (eval_interval 3) or not (4), and the checkpoint
+    on disk is the one before, with finite weights."""
+    lr_at = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, c: float("nan") if step == 4 else lr_at(step, c))
+    with pytest.raises(FloatingPointError, match=r"step 6: non-finite loss, main"):
+        run(tmp_path, corpus, "--max_iters=9", f"--eval_interval={eval_interval}", "--log_interval=100")
+    ckpt, tensors = checkpoint.load(os.path.join(tmp_path, "ckpt.pt"))
+    assert ckpt["step"] == {3: 3, 4: 4}[eval_interval]
+    assert all(torch.isfinite(t).all() for t in tensors["model"].values())
+
+
 def test_bad_settings_name_the_key():
     with pytest.raises(SystemExit, match="unknown setting --batchsize"):
         train.main(["--batchsize=3"])
