@@ -160,8 +160,11 @@ def stream_tokens(c, model, idx, new_tokens, eot, speculative, stats):
 
 
 def main(argv=None):
-    c, _, given = parse_args(SETTINGS, sys.argv[1:] if argv is None else argv, script=__file__,
-                             choices=dict(speculative=("mtp", "none")))
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a.startswith("--out_dir") for a in argv):  # train.py's name for the folder
+        raise SystemExit("--out_dir is train.py's setting; sample.py reads that folder with --ckpt=DIR "
+                         "(or --ckpt=DIR/ckpt.pt)")
+    c, _, given = parse_args(SETTINGS, argv, script=__file__, choices=dict(speculative=("mtp", "none")))
     check_settings(c)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
     torch.manual_seed(c.seed)

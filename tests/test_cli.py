@@ -36,6 +36,12 @@ def test_help_lists_every_setting_with_its_default_and_comment():
     assert code == 0 and re.search(r"--top_k=50 +keep the k most likely tokens", out)
 
 
+def test_sample_points_out_dir_to_ckpt():
+    with pytest.raises(SystemExit, match=re.escape("--out_dir is train.py's setting; sample.py reads that "
+                                                   "folder with --ckpt=DIR")):
+        sample.main(["--out_dir=out"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--batchsize=3"], "unknown setting --batchsize; did you mean --batch_size?"),
     (["--n_layer=3"], "did you mean --n_layers"),
