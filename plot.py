@@ -112,10 +112,12 @@ def main(argv=None):
     loaded = [(r, n) for r, n in zip(runs, names) if "load" in r[1][-1]]
     if loaded:
         fig, axes = plt.subplots(1, len(loaded), figsize=(4.5 * len(loaded), 3.5), squeeze=False)
-        for ax, ((header, train, _), name) in zip(axes[0], loaded):
+        ratios = [[[n / (sum(row) / len(row)) if sum(row) else 0.0 for n in row] for row in train[-1]["load"]]
+                  for (_, train, _), _ in loaded]
+        top = max(max(max(row) for row in ratio) for ratio in ratios)  # one colour scale: runs compare
+        for ax, ((header, train, _), name), ratio in zip(axes[0], loaded, ratios):
             last = train[-1]
-            ratio = [[n / (sum(row) / len(row)) if sum(row) else 0.0 for n in row] for row in last["load"]]
-            image = ax.imshow(ratio, aspect="auto", cmap="viridis", vmin=0)
+            image = ax.imshow(ratio, aspect="auto", cmap="viridis", vmin=0, vmax=top)
             ids = header.get("moe_layers", list(range(len(ratio))))
             n_layers = header.get("model_args", {}).get("n_layers", max(ids) + 1)
             ax.set_yticks(range(len(ids)), [str(i) if i < n_layers else f"MTP {i - n_layers + 1}" for i in ids])
