@@ -105,12 +105,18 @@ def test_sample_refuses_bad_settings_in_one_line(tmp_path, corpus):
 def test_sample_reads_trains_folder_and_its_file(tmp_path, corpus, capsys):
     """--ckpt=out (train.py's folder) and --ckpt=out/ckpt.pt give the same text; \\n in a prompt is a newline."""
     run(tmp_path, corpus, "--max_iters=2", "--eval_interval=2")
+    texts = sample_texts(capsys, [tmp_path, tmp_path / "ckpt.pt"], "--max_new_tokens=12", "--seed=3")
+    assert texts[0] == texts[1] and texts[0].startswith("KING:\n")
+
+
+def sample_texts(capsys, ckpts, *args):
+    """What sample.py prints for each checkpoint, prompted with "KING:\\n" on the CPU."""
     capsys.readouterr()
     texts = []
-    for ckpt in (tmp_path, tmp_path / "ckpt.pt"):
-        sample.main([f"--ckpt={ckpt}", "--prompt=KING:\\n", "--max_new_tokens=12", "--device=cpu", "--seed=3"])
+    for ckpt in ckpts:
+        sample.main([f"--ckpt={ckpt}", "--prompt=KING:\\n", "--device=cpu", *args])
         texts.append(capsys.readouterr().out)
-    assert texts[0] == texts[1] and texts[0].startswith("KING:\n")
+    return texts
 
 
 def test_scripts_without_tracebacks():

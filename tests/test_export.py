@@ -19,9 +19,8 @@ import checkpoint
 import data
 import export
 import model
-import sample
 from model import ModelArgs, Transformer
-from test_cli import script
+from test_cli import sample_texts, script
 from test_train import run
 
 
@@ -182,11 +181,7 @@ def test_export_script_end_to_end(tmp_path, corpus, capsys):
     assert torch.equal(raw.state_dict()[name], tensors["model"][name])
     assert not torch.equal(tensors["ema"][name], tensors["model"][name])
     assert len([f for f in os.listdir(tmp_path / "f32") if f.endswith(".safetensors")]) > 1
-    capsys.readouterr()
-    texts = []
-    for ckpt in (out, tmp_path / "f32"):
-        sample.main([f"--ckpt={ckpt}", "--prompt=KING:\\n", "--max_new_tokens=30", "--device=cpu", "--temperature=0"])
-        texts.append(capsys.readouterr().out)
+    texts = sample_texts(capsys, [out, tmp_path / "f32"], "--max_new_tokens=30", "--temperature=0")
     assert texts[0] == texts[1] and texts[0].startswith("KING:\n")
     for args, message in [([str(out), str(tmp_path / "hf")], "already holds files; export into a new or empty folder"),
                           ([str(tmp_path / "nothing"), str(tmp_path / "x")], "no such file or folder"),

@@ -13,17 +13,15 @@ import torch
 
 import model
 import sample
+import test_model
 from model import ModelArgs, Transformer
 from test_cli import script
 from test_train import run
 
 
 def tiny(**kw):
-    base = dict(vocab_size=16, dim=48, inter_dim=64, moe_inter_dim=24, n_layers=3, n_dense_layers=1, n_heads=3,
-                q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
-                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
-                n_limited_groups=2, route_scale=1.5, n_mtp=1, max_seq_len=40, init_std=0.1)
-    return ModelArgs(**{**base, **kw})
+    """test_model's tiny model with a vocabulary of 16 (proposals are accepted often) and 40 positions."""
+    return test_model.tiny(**{"vocab_size": 16, "max_seq_len": 40, **kw})
 
 
 def make(args, dtype=torch.float64):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import checkpoint
-import data
 import sample
 import train
 
