@@ -703,23 +703,21 @@ def moe_layer_ids(args):
     return [*range(args.n_dense_layers, args.n_layers), *(args.n_layers + k for k in range(args.n_mtp))]
 
 
-def balance_metrics(moe_layers, ids, n_experts, maxvio=None):
+def balance_metrics(moe_layers, ids, n_experts):
     """(the log's balance fields, the run's loads (L, E)), every MoE layer of the whole model in `ids`
     order, read to the host here (at log steps only; update_bias leaves everything on the device).
     Under a pipeline each rank holds some of the layers: the ranks' tables, zeros where a rank lacks
     a layer, are combined with MAX over the CPU control group; every value is >= 0 and the copies of
     a layer are equal (update_bias saw the loads summed over the ranks), so the MAX is each layer's.
-    maxvio: update_bias's (L,) tensor for these moe_layers; None gives zeros."""
-    batch = torch.zeros(len(ids), dtype=torch.float64)
+    The batch's MaxVio follows from the last step's loads, as update_bias computed it."""
     load, run = (torch.zeros(len(ids), n_experts, dtype=torch.int64) for _ in range(2))
-    for j, m in enumerate(moe_layers):
+    for m in moe_layers:
         i = ids.index(m.layer_id)
         load[i], run[i] = m.last_load.cpu(), m.run_load.cpu()
-        batch[i] = 0.0 if maxvio is None else maxvio[j].item()
     if dist.is_initialized():
-        for t in (batch, load, run):
+        for t in (load, run):
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=CONTROL)
-    run_vio = moe_lib.maxvio(run)
+    batch, run_vio = moe_lib.maxvio(load), moe_lib.maxvio(run)
     worst = lambda v: v.max().item() if len(ids) else 0.0  # noqa: E731
     return dict(maxvio=worst(batch), maxvio_layers=batch.tolist(), maxvio_global=worst(run_vio),
                 maxvio_global_layers=run_vio.tolist(), load=load.tolist()), run
@@ -846,10 +844,10 @@ def main(argv=None):
         ema.before_optimizer_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        maxvio = update_bias(model.moe_layers(), gamma, all_reduce)  # after the step, from this step's loads
+        update_bias(model.moe_layers(), gamma, all_reduce)  # after the step, from this step's loads
         if (step + 1) % c.ema_interval == 0:
             ema.update(model, c.ema_decay ** c.ema_interval)
-        return losses, maxvio, dict(lr=lr, lam=lam, gamma=gamma, grad_norm=grad_norm)
+        return losses, dict(lr=lr, lam=lam, gamma=gamma, grad_norm=grad_norm)
 
     def log(rec):
         if log_file:
@@ -864,7 +862,7 @@ def main(argv=None):
     interrupt = Interrupt()
     try:
         for step in bar:
-            losses, maxvio, rec = train_step(step)
+            losses, rec = train_step(step)
             steps_since += 1
             stopped = any_rank(interrupt.signum)
             if (step + 1) % c.log_interval == 0 or step + 1 == last_stop or stopped:
@@ -875,7 +873,7 @@ def main(argv=None):
                     grid.all_reduce(losses, "dp")
                     losses /= dp
                     dist.all_reduce(traffic, group=CONTROL)
-                balance_rec, _ = balance_metrics(model.moe_layers(), moe_ids, args.n_routed_experts, maxvio)
+                balance_rec, _ = balance_metrics(model.moe_layers(), moe_ids, args.n_routed_experts)
                 loss, main, mtp, balance = losses.tolist()
                 tps = steps_since * tokens_per_step / (time.time() - t0)
                 rec = dict(step=step + 1, loss=loss, main=main, mtp=mtp, balance=balance,
