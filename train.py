@@ -93,6 +93,7 @@ log_interval = 10           # steps between log lines (out_dir/log.jsonl)
 out_dir = "out"             # checkpoint, tokenizer and log of this run
 resume = False              # continue the run in out_dir from its checkpoint, with its settings
 stop_iter = 0               # if > 0, end this run at this iteration with a checkpoint (--resume continues)
+save_checkpoints = True     # False: no checkpoint at all, only the log (ablation runs); an interrupt just stops
 # parallelism, under torchrun (comm.py, dualpipe.py): pipeline stages x data parallel, and within the latter
 pp = 1                      # pipeline parallelism: the blocks split into this many stages (DualPipe: even)
 pipeline = "dualpipe"       # the pipeline schedule: dualpipe (3.2.1) | 1f1b; grad_accum micro-batches per step
@@ -208,11 +209,15 @@ def check_settings(c):
     for key, ok, allowed in LIMITS:
         if not ok(getattr(c, key)):
             raise SystemExit(f"--{key}={getattr(c, key)}: expected {allowed}")
+    if c.stop_iter and not c.save_checkpoints:
+        raise SystemExit(f"--stop_iter={c.stop_iter} ends the run with a checkpoint to resume from, "
+                         f"and --save_checkpoints=False writes none: drop one of the two")
 
 
 # On --resume every setting comes from the checkpoint; these may be given anew (each change is printed).
 # Settings of the parallel layout join them as they come (comm.py, dualpipe.py).
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "dtype", "compile", "cache_dir",
+             "save_checkpoints",
              "batch_size", "grad_accum", "ep", "dispatch", "nccl_channels", "pp", "pipeline", "overlap"}
 # Settings of one invocation, never taken from the checkpoint (out_dir is where it was found).
 PER_RUN = {"resume", "stop_iter", "out_dir"}
@@ -794,6 +799,8 @@ def main(argv=None):
            f"{tokens_per_step:,} tokens per step")
 
     def checkpoint(step):
+        if not c.save_checkpoints:
+            return
         _, run_load = balance_metrics(model.moe_layers(), moe_ids, args.n_routed_experts)
         meta = dict(model_args=asdict(args), step=step, data=train_loader.state_dict(), rng=dict(cpu=torch.get_rng_state()),
                     config=vars(c), global_batch=c.batch_size * c.grad_accum * dp, run_load=run_load.tolist(),
@@ -914,7 +921,8 @@ def main(argv=None):
             dist.destroy_process_group()
     if stopped:
         print0(f"stopped at step {step + 1}, checkpoint written to {ckpt_path}; continue with:\n"
-               f"    python train.py --out_dir={c.out_dir} --resume")
+               f"    python train.py --out_dir={c.out_dir} --resume" if c.save_checkpoints else
+               f"stopped at step {step + 1}, no checkpoint written (--save_checkpoints=False)")
         raise SystemExit(128 + (interrupt.signum or signal.SIGTERM))
 
 

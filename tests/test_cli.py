@@ -52,6 +52,7 @@ def test_sample_points_out_dir_to_ckpt():
     (["--lr=0"], "--lr=0.0: expected above 0"),
     (["--val_fraction=1.5"], "--val_fraction=1.5: expected in (0, 1)"),
     (["--resume"], "--resume: no checkpoint at"),
+    (["--stop_iter=5", "--save_checkpoints=False"], "--stop_iter=5 ends the run with a checkpoint to resume from"),
 ])
 def test_train_refuses_bad_settings_in_one_line(tmp_path, args, message):
     with pytest.raises(SystemExit, match=re.escape(message)):

@@ -82,9 +82,11 @@ def test_evaluation_does_not_change_training(tmp_path, corpus):
     common = ["--max_iters=8", "--lr=3e-3", "--ema_interval=2"]
     often = run(tmp_path / "often", corpus, *common, "--eval_interval=2")
     never = run(tmp_path / "never", corpus, *common, "--eval_interval=1000")
+    unsaved = run(tmp_path / "unsaved", corpus, *common, "--eval_interval=2", "--save_checkpoints=False")
     assert len(vals(often)) == 4 and len(vals(never)) == 1  # the last step evaluates in both
-    assert train_steps(often) == train_steps(never)
-    assert vals(often)[8] == vals(never)[8]
+    assert train_steps(often) == train_steps(never) == train_steps(unsaved)
+    assert vals(often)[8] == vals(never)[8] and vals(often) == vals(unsaved)
+    assert not (tmp_path / "unsaved" / "ckpt.pt").exists()  # an ablation run: the log only
     assert_same_checkpoints(tmp_path / "often" / "ckpt.pt", tmp_path / "never" / "ckpt.pt")
 
 
