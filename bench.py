@@ -41,6 +41,7 @@ Timings are medians of triton.testing.do_bench (CUDA events, L2 flushed between 
 """
 
 import datetime
+import re
 import sys
 import time
 
@@ -329,9 +330,28 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
     print(f"{ms:.1f} ms/step, {tokens / ms * 1e3:,.0f} tokens/s, {flops / ms / 1e9:.0f} TFLOP/s, "
           f"MFU {flops / ms * 1e3 / 989e12:.1%} (of 989 TFLOP/s dense BF16)")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        wall = (time.perf_counter() - t0) * 1e3
+    kernels = [(e.key, e.self_device_time_total / 1e3) for e in prof.key_averages() if e.self_device_time_total > 0]
+    busy = sum(t for _, t in kernels)
+    print(f"under the profiler: {wall:.1f} ms wall, {busy:.1f} ms in kernels (GPU busy {busy / wall:.0%})")
+    by_kind = {}
+    for name, t in kernels:
+        kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, name, re.I)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + t
+    print("kernel time by kind: " + ", ".join(f"{k} {t:.1f} ms" for k, t in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+
+
+# Kernel names by what they do (first match wins): the profile of a step, summed per kind.
+KERNEL_KINDS = [("AdamW", r"^triton_.*lerp.*sqrt"), ("fused by torch.compile (casts, norms, ...)", r"^triton_"),
+                ("FP8 quantization", r"quant"), ("grouped GEMM", r"grouped|ptr_array|GroupProblem"),
+                ("attention", r"cudnn|fmha|flash|sdpa|attention"), ("GEMM", r"gemm|nvjet|cutlass|sm90_xmma|cublas|wgmma"),
+                ("sort/top-k", r"sort|radix|topk"), ("index/scatter/gather", r"index|scatter|gather"),
+                ("memcpy/memset", r"^memcpy|^memset"), ("elementwise (eager)", r"elementwise|copy|fill|reduce")]
 
 
 PIPELINES = (("dualpipe", False), ("dualpipe", True), ("1f1b", False))  # (schedule, overlapped F&B pairs)

@@ -22,7 +22,7 @@ import sys
 
 # Settings that change nothing in what a run computes, so never name a run.
 NOT_NAMES = {"out_dir", "resume", "stop_iter", "cache_dir", "device", "compile", "eval_interval", "log_interval",
-             "nccl_channels"}
+             "nccl_channels", "save_checkpoints"}
 
 
 def read_log(path):
@@ -111,11 +111,15 @@ def main(argv=None):
 
     loaded = [(r, n) for r, n in zip(runs, names) if "load" in r[1][-1]]
     if loaded:
-        fig, axes = plt.subplots(1, len(loaded), figsize=(4.5 * len(loaded), 3.5), squeeze=False)
+        cols = min(3, len(loaded))  # three runs to a row
+        rows = -(-len(loaded) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+        for ax in axes.flat[len(loaded):]:
+            ax.set_visible(False)
         ratios = [[[n / (sum(row) / len(row)) if sum(row) else 0.0 for n in row] for row in train[-1]["load"]]
                   for (_, train, _), _ in loaded]
         top = max(max(max(row) for row in ratio) for ratio in ratios)  # one colour scale: runs compare
-        for ax, ((header, train, _), name), ratio in zip(axes[0], loaded, ratios):
+        for ax, ((header, train, _), name), ratio in zip(axes.flat, loaded, ratios):
             last = train[-1]
             image = ax.imshow(ratio, aspect="auto", cmap="viridis", vmin=0, vmax=top)
             ids = header.get("moe_layers", list(range(len(ratio))))
