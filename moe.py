@@ -160,7 +160,7 @@ class LocalDispatcher:
         flat = idx.flatten()  # (N*K,) expert of each (token, k) pair
         order = flat.argsort(stable=True)  # pairs grouped by expert
         counts = tokens_per_expert(flat, self.n_experts)  # (E,)
-        return h[order // K], counts, LocalHandle(order, g)
+        return replicate_rows(h, order, K), counts, LocalHandle(order, g)
 
     def dispatch_async(self, h, idx, g=None):
         result = self.dispatch(h, idx, g)
@@ -172,6 +172,33 @@ class LocalDispatcher:
             return y
         N, K = handle.g.shape
         return (y.view(N, K, -1) * handle.g.unsqueeze(-1).to(y.dtype)).sum(1)  # (N, D)
+
+
+class ReplicateRows(torch.autograd.Function):
+    """h[order // K]: each token's row once per chosen expert, in the sorted order. The same as the
+    indexing, with another backward: each token's K gradient rows are gathered back into (token, k)
+    order and summed, where autograd's indexing backward scatter-adds them (atomic adds, in an order
+    that varies from run to run on the GPU, and slower: 2.4 ms of an 89 ms `small` step)."""
+
+    @staticmethod
+    def forward(ctx, h, order, K):
+        ctx.save_for_backward(order)
+        ctx.K = K
+        return h[order // K]
+
+    @staticmethod
+    def backward(ctx, dx):
+        (order,) = ctx.saved_tensors
+        position = torch.empty_like(order)
+        position[order] = torch.arange(order.numel(), device=order.device)  # where each (token, k) pair went
+        N, D = order.numel() // ctx.K, dx.shape[-1]
+        total = dx[position].view(N, ctx.K, D).sum(1, dtype=torch.promote_types(dx.dtype, torch.float32))
+        return total.to(dx.dtype), None, None
+
+
+def replicate_rows(h, order, K):
+    """h (N, D) -> (N*K, D): row order[i] // K of h at i (ReplicateRows; its plain twin is the indexing)."""
+    return ReplicateRows.apply(h, order, K)
 
 
 class LocalHandle:

@@ -306,14 +306,14 @@ class Interrupt:
     agent too, 30 s before it kills): the step in progress finishes, a checkpoint is written and the
     run exits with 128 + the signal number. A second Ctrl-C exits at once, without a checkpoint."""
 
-    def __init__(self):
-        self.signum = 0
+    def __init__(self, checkpoint=True):
+        self.signum, self.then = 0, "then a checkpoint" if checkpoint else "then stopping (--save_checkpoints=False)"
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
         if not self.signum:
             self.signum = signum
-            print0(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint "
+            print0(f"\n{signal.Signals(signum).name}: finishing this step, {self.then} "
                    f"(Ctrl-C again to exit at once)")
         elif signum == signal.SIGINT:
             print("second interrupt: exiting now, without a checkpoint", file=sys.stderr, flush=True)
@@ -874,7 +874,7 @@ def main(argv=None):
     t0, steps_since, stopped = time.time(), 0, False
     grid.traffic.reset()
     bar = tqdm(range(start, last_stop), initial=start, total=c.max_iters, disable=not master, dynamic_ncols=True)
-    interrupt = Interrupt()
+    interrupt = Interrupt(c.save_checkpoints)
     try:
         for step in bar:
             losses, rec = train_step(step)

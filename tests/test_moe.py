@@ -119,6 +119,27 @@ def test_dispatch_combine_round_trip():
     torch.testing.assert_close(d.combine(y, handle), (per_pair * g.unsqueeze(-1)).sum(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_replicated_rows_match_indexing_forward_and_backward(dtype):
+    """ReplicateRows (a gather-and-sum backward) against plain indexing (a scatter-add backward)."""
+    N, K, D = 37, 3, 5
+    order = torch.randperm(N * K)
+    h = torch.randn(N, D, dtype=torch.float64)
+    dx = torch.randn(N * K, D, dtype=torch.float64)
+    fast, plain = (h.clone().to(dtype).requires_grad_() for _ in range(2))
+    x = moe.replicate_rows(fast, order, K)
+    assert torch.equal(x, plain[order // K])
+    x.backward(dx.to(dtype))
+    plain[order // K].backward(dx.to(dtype))
+    assert fast.grad.dtype == dtype
+    by_hand = torch.zeros(N, D, dtype=torch.float64).index_add_(0, order // K, dx.to(dtype).double())
+    if dtype == torch.float64:
+        torch.testing.assert_close(fast.grad, plain.grad, rtol=0, atol=1e-12)
+        torch.testing.assert_close(fast.grad, by_hand, rtol=0, atol=1e-12)
+    else:  # the K rows summed in FP32 and rounded once: within half a BF16 step of the exact sum
+        assert ((fast.grad.double() - by_hand).abs() <= by_hand.abs() * 2 ** -8 + 1e-30).all()
+
+
 def test_bias_update_sign_and_size():
     layer = moe.MoE(moe_args(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2))
     layer.gate.bias.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3]))
