@@ -347,7 +347,9 @@ class AdamW(torch.optim.Optimizer):
                 state[key] = state[key].to(self.moments_dtype)
 
     @torch.no_grad()
-    def step(self):
+    def step(self, grad_scale=None):
+        """grad_scale (a 0-dim tensor, e.g. gradient clipping's coefficient): every gradient is taken
+        times it, inside the fused update (one pass less over the gradients than scaling them first)."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -367,11 +369,15 @@ class AdamW(torch.optim.Optimizer):
             if self.fused_update is not None:
                 # the scalars as 0-dim tensors: the compiled kernel reads them instead of being
                 # recompiled whenever the learning rate or the step changes
-                h = to_device(torch.tensor([1 - beta1, beta2, 1 - beta2, bc2_sqrt, group["eps"], decay, step_size]),
+                h = to_device(torch.tensor([1 - beta1, beta2, 1 - beta2, bc2_sqrt, group["eps"], decay, step_size, 1.0]),
                               params[0].device).unbind()
+                scale = h[-1] if grad_scale is None else grad_scale
                 for p, s in zip(params, states):
-                    self.fused_update(p.view(-1), p.grad.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1), *h)
+                    self.fused_update(p.view(-1), p.grad.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1),
+                                      *h[:-1], scale)
                 continue
+            if grad_scale is not None:
+                torch._foreach_mul_([p.grad for p in params], grad_scale)
             grads = [p.grad.float() for p in params]
             # FP32 working copies of BF16 moments; FP32 moments are updated in place (.float() is then
             # the moment itself, and the copies back below copy a tensor onto itself)
@@ -398,11 +404,11 @@ def to_device(t, device):
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def adamw_update(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, decay, step_size):
+def adamw_update(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, decay, step_size, scale):
     """AdamW.step's arithmetic for one parameter, in FP32, the moments stored back in their own
     dtype; torch.compile fuses it into one pass over p, g, m and v. The scalars are the ones
-    AdamW.step computes for both paths."""
-    g = g.float()
+    AdamW.step computes for both paths; scale multiplies the gradient (clipping)."""
+    g = g.float() * scale
     m32 = m.float().lerp(g, one_minus_beta1)
     v32 = v.float() * beta2 + one_minus_beta2 * g * g
     m.copy_(m32)
@@ -696,19 +702,23 @@ def checkpoint_share(model, ema, optimizer, owned):
     return {kind: {n: t for n, t in named.items() if owned(n)} for kind, named in everything.items()}
 
 
-def clip_grad_norm_(model, owned, max_norm):
-    """torch.nn.utils.clip_grad_norm_ of the whole model on any layout: each parameter's gradient
-    counted once (on the rank that owns it), the squares summed over all ranks; every gradient held
-    here, copies too, scaled alike. Returns the norm."""
+def grad_norm(model, owned=None):
+    """The gradient norm of the whole model on any layout: each parameter's gradient counted once
+    (on the rank that owns it), the squares summed over all ranks. One process: owned=None."""
+    grads = [p.grad for n, p in model.named_parameters() if p.grad is not None and (owned is None or owned(n))]
+    if owned is None:
+        return torch.nn.utils.get_total_norm(grads)
     device = next(model.parameters()).device
-    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for n, p in model.named_parameters()
-             if p.grad is not None and owned(n)]
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]
     total = torch.stack(norms).square().sum() if norms else torch.zeros((), dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    total = total.sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0).float()
-    torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], coef)
-    return total
+    return total.sqrt()
+
+
+def clip_coefficient(total, max_norm):
+    """torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6)), which AdamW.step
+    applies to every gradient held here (copies too) as it reads them."""
+    return (max_norm / (total + 1e-6)).clamp(max=1.0).float()
 
 
 def moe_layer_ids(args):
@@ -793,8 +803,7 @@ def main(argv=None):
     # Gradients: averaged over the data-parallel ranks after the last micro-batch, the experts' over
     # the ranks holding copies of them (comm.py says why not DDP); loads summed before the bias update.
     reduce_gradients = (lambda: comm.reduce_gradients(nn.ModuleList(modules), grid)) if dp > 1 else (lambda: None)
-    clip = (lambda: clip_grad_norm_(model, owned, c.grad_clip)) if world > 1 else \
-        (lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip))
+    norm = (lambda: grad_norm(model, owned)) if world > 1 else (lambda: grad_norm(model))
     all_reduce = grid.sum_over_dp if dp > 1 else None
     flops_per_token = model_lib.flops_per_token(args, c.seq_len)
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * dp
@@ -855,14 +864,14 @@ def main(argv=None):
         losses = forward_backward(lam)
         finite.submit(losses, step + 1)  # checked at the next step, or before a log line or checkpoint
         reduce_gradients()
-        grad_norm = clip()
+        total_norm = norm()
         ema.before_optimizer_step()
-        optimizer.step()
+        optimizer.step(grad_scale=clip_coefficient(total_norm, c.grad_clip))  # clipped as it is read
         optimizer.zero_grad(set_to_none=True)
         update_bias(model.moe_layers(), gamma, all_reduce)  # after the step, from this step's loads
         if (step + 1) % c.ema_interval == 0:
             ema.update(model, c.ema_decay ** c.ema_interval)
-        return losses, dict(lr=lr, lam=lam, gamma=gamma, grad_norm=grad_norm)
+        return losses, dict(lr=lr, lam=lam, gamma=gamma, grad_norm=total_norm)
 
     def log(rec):
         if log_file:

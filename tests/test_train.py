@@ -203,19 +203,28 @@ def test_bad_settings_name_the_key():
 
 
 def test_adamw_with_fp32_moments_is_torch_adamw():
+    """Our AdamW, its gradients clipped by the factor it applies as it reads them (train.py's
+    step), against torch.optim.AdamW after torch.nn.utils.clip_grad_norm_."""
     torch.manual_seed(0)
-    w = [torch.randn(8, 5, requires_grad=True), torch.randn(5, requires_grad=True)]
-    ref = [p.detach().clone().requires_grad_() for p in w]
+    net = torch.nn.Linear(5, 8)
+    copy = torch.nn.Linear(5, 8)
+    copy.load_state_dict(net.state_dict())
+    w, ref = list(net.parameters()), list(copy.parameters())
     ours = train.AdamW([dict(params=w[:1], weight_decay=0.1), dict(params=w[1:], weight_decay=0.0)], lr=1e-2,
                        betas=(0.9, 0.95), weight_decay=0.1, moments_dtype=torch.float32)
     theirs = torch.optim.AdamW([dict(params=ref[:1], weight_decay=0.1), dict(params=ref[1:], weight_decay=0.0)],
                                lr=1e-2, betas=(0.9, 0.95))
-    for _ in range(5):
-        g = [torch.randn_like(p) for p in w]
+    clipped = 0
+    for step in range(6):
+        g = [torch.randn_like(p) * (3.0 if step % 2 else 0.1) for p in w]  # every other step above the clip
         for p, q, gi in zip(w, ref, g):
             p.grad, q.grad = gi.clone(), gi.clone()
-        ours.step()
+        norm = train.grad_norm(net)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(copy.parameters(), 2.0))
+        clipped += norm.item() > 2.0
+        ours.step(grad_scale=train.clip_coefficient(norm, 2.0))
         theirs.step()
+    assert clipped == 3
     for p, q in zip(w, ref):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert ours.state[w[0]]["exp_avg"].dtype == torch.float32
@@ -243,8 +252,9 @@ def test_compiled_adamw_matches_the_foreach_one(moments):
         for p, q in zip(w, ref):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()
-        fused.step()
-        foreach.step()
+        scale = torch.tensor(0.37) if step % 2 else None  # a clipping factor on every other step
+        fused.step(grad_scale=scale)
+        foreach.step(grad_scale=scale)
     for p, q in zip(w, ref):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         for key in ("exp_avg", "exp_avg_sq"):
