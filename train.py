@@ -401,7 +401,8 @@ def to_device(t, device):
     the GPU in every step; from pinned memory the copy is queued like a kernel."""
     if device.type != "cuda":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    # contiguous first: a strided source would be made contiguous again by the copy, in pageable memory
+    return t.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 def adamw_update(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, decay, step_size, scale):
