@@ -271,15 +271,6 @@ if HAS_TRITON:
         tl.store(s_ptr + pid_m * stride_smb + offs_k, s)
 
 
-def _index_table(values, device):
-    """An int32 table the host built (tile and row bounds) on the device, without a host sync:
-    torch.tensor(values, device=cuda) copies from pageable memory and waits for the GPU to drain
-    each time (about 150 times per FP8 `small` step: measured host-bound, 24% GPU busy). From pinned
-    memory the copy is queued like a kernel; the pinned buffer is recycled only once it has landed."""
-    t = torch.tensor(values, dtype=torch.int32, pin_memory=device.type == "cuda")
-    return t.to(device, non_blocking=True)
-
-
 def _mmajor_empty(M, KB, device):
     """Scales (M, KB) stored M-major, the layout cuBLAS's 1x128 scaling reads."""
     return torch.empty(KB, M, dtype=torch.float32, device=device).t()
@@ -334,43 +325,39 @@ def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8, transposed=Fals
     return y, s, y.transpose(-2, -1).contiguous()
 
 
-def act_quant_t(x, x_s=None, block_size=BLOCK, pow2=False, out_dtype=FP8, bounds=None):
+def act_quant_t(x, x_s=None, block_size=BLOCK, pow2=False, out_dtype=FP8, tiles=None):
     """128x1 tiles for Wgrad: x (M, K) -> x^T in FP8 (K, Mp) and scales (K, Mp/128), tokens
     zero-padded to Mp = a multiple of 128; K may be any size. With x_s, x is FP8 in 1x128 tiles
     (K a multiple of 128): dequantize first.
-    With bounds [(start, end), ...] (experts' row ranges), each group is padded on its own, so
-    that no 128-token tile holds two experts' tokens."""
+    With tiles (3, T) from _group_tiles (the experts' groups, section 6), output block j of 128
+    tokens takes rows tiles[1, j]..tiles[2, j] of x: each expert is padded on its own, so that no
+    128-token tile holds two experts' tokens, and Mp = 128 T, a bound that does not depend on
+    the counts; the blocks past the experts' last one are zeros."""
     if not _use_triton(x, quant_impl):
-        if bounds is None:
-            y, s = act_quant_t_ref(x, x_s, block_size, pow2)
-        else:
-            parts = [act_quant_t_ref(x[a:b], None if x_s is None else x_s[a:b], block_size, pow2)
-                     for a, b in bounds if b > a]
-            y = torch.cat([p[0] for p in parts], 1) if parts else x.new_empty(x.shape[1], 0, dtype=FP8)
-            s = torch.cat([p[1] for p in parts], 1) if parts else x.new_empty(x.shape[1], 0, dtype=torch.float32)
+        if tiles is not None:  # the same layout by a gather: every padding row reads a zero row
+            x = x.float() if x_s is None else act_dequant(x, x_s, block_size)
+            rows = tiles[1, :, None] + torch.arange(block_size, device=x.device)          # (T, 128)
+            rows = torch.where(rows < tiles[2, :, None], rows, x.shape[0]).flatten()     # (Mp,)
+            x, x_s = F.pad(x, (0, 0, 0, 1))[rows], None                                  # (Mp, K)
+        y, s = act_quant_t_ref(x, x_s, block_size, pow2)
         return y.to(out_dtype) if out_dtype != FP8 else y, s
     M, K = x.shape
     if K % block_size and x_s is None:  # the kernel reads whole blocks of channels: add zero ones, drop them
-        y, s = act_quant_t(F.pad(x, (0, -K % block_size)), None, block_size, pow2, out_dtype, bounds)
+        y, s = act_quant_t(F.pad(x, (0, -K % block_size)), None, block_size, pow2, out_dtype, tiles)
         return y[:K], s[:K]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    rows = None
-    if bounds is None:
-        nb = triton.cdiv(M, block_size)
-    else:  # one (first row, end row) pair per output block of 128 tokens
-        starts = [(r, b) for a, b in bounds for r in range(a, b, block_size)]
-        nb = len(starts)
-        rows = _index_table([r for r, _ in starts] + [b for _, b in starts], x.device)
+    nb = triton.cdiv(M, block_size) if tiles is None else tiles.shape[1]   # output blocks of 128 tokens
     y = torch.empty(K, nb * block_size, dtype=out_dtype, device=x.device)
     s = _mmajor_empty(K, nb, x.device)                             # (K, Mp/128), K-major
     if nb == 0:
         return y, s
     xs = x_s if x_s is not None else s                             # s: a dummy when HAS_XS=False
+    rows = tiles[1:] if tiles is not None else s                   # (2, T): first and end row of each block
     grid = lambda meta: (nb, K // meta["BLOCK_K"])
-    _act_quant_t_kernel[grid](x, xs, y, s, rows if rows is not None else s, M, x.stride(0), xs.stride(0),
-                              xs.stride(1), y.stride(0), s.stride(1), HAS_XS=x_s is not None,
-                              GROUPED=rows is not None, BLOCK_M=block_size, QBLOCK=block_size, POW2=pow2)
+    _act_quant_t_kernel[grid](x, xs, y, s, rows, M, x.stride(0), xs.stride(0), xs.stride(1), y.stride(0),
+                              s.stride(1), HAS_XS=x_s is not None, GROUPED=tiles is not None,
+                              BLOCK_M=block_size, QBLOCK=block_size, POW2=pow2)
     return y, s
 
 # -----------------------------------------------------------------------------
@@ -471,19 +458,24 @@ if HAS_TRITON:
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _fp8_gemm_rows_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tiles_ptr, num_tiles, N, K,
-                                      stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_ask,
+    def _fp8_gemm_rows_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tiles_ptr, num_tiles, num_experts,
+                                      N, K, stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_ask,
                                       stride_bse, stride_bsn, stride_bsk, BLOCK_M: tl.constexpr,
                                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Fprop/Dgrad of the routed experts: rows of a sorted by expert, b (E, N, K) stacked.
-        # tiles (3, num_tiles): expert, first row, end row of each tile of at most BLOCK_M rows.
+        # tiles (3, num_tiles): expert, first row, end row of each tile of at most BLOCK_M rows,
+        # built on the device (_group_tiles); the grid covers a bound, so some tiles are empty.
         t, pid_n = tl.program_id(0), tl.program_id(1)
         e = tl.load(tiles_ptr + t).to(tl.int64)
         row0, row_end = tl.load(tiles_ptr + num_tiles + t), tl.load(tiles_ptr + 2 * num_tiles + t)
+        if row0 >= row_end:  # past the last real tile: nothing to do
+            return
+        # "expert" E owns the rows past offs[-1]: no K-blocks are summed (b[E] is never read), zeros
+        k_blocks = tl.where(e < num_experts, K // BLOCK_K, 0)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _promoted_mma(a_ptr, b_ptr + e * stride_be, as_ptr, bs_ptr + e * stride_bse,
-                            tl.minimum(offs_m, row_end - 1), tl.minimum(offs_n, N - 1), 0, K // BLOCK_K,
+                            tl.minimum(offs_m, row_end - 1), tl.minimum(offs_n, N - 1), 0, k_blocks,
                             stride_am, stride_bn, stride_asm, stride_ask, stride_bsn, stride_bsk,
                             False, BLOCK_M, BLOCK_N, BLOCK_K)
         mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
@@ -807,48 +799,71 @@ def _grouped_triton(x):
 
 
 def _group_bounds(offs):
+    """(start, end) row of each expert's group, read on the host: the loop twin's bookkeeping."""
     ends = [int(e) for e in offs.tolist()]
     return list(zip([0] + ends[:-1], ends))
 
 
-def _group_kblocks(bounds):
-    """First K-block of each expert in the token-padded Wgrad operands, and the end: (E + 1,)."""
-    kb = [0]
-    for a, b in bounds:
-        kb.append(kb[-1] + _cdiv(b - a, BLOCK))
-    return kb
+def _max_tiles(M, groups, block):
+    """The most tiles of `block` rows that M rows split into `groups` groups can need when each group
+    is tiled on its own: every group wastes less than one tile, so cdiv(M, block) + groups - 1."""
+    return _cdiv(M, block) + groups - 1
 
 
-def fp8_grouped_gemm_rows(a, a_s, b, b_s, bounds, out_dtype=torch.bfloat16):
+def _group_tiles(offs, M, block=BLOCK, tail=False):
+    """Each expert's rows cut into tiles of at most `block` rows, computed on offs's device with
+    torch ops (offs is never read on the host, so the shapes and the launch grids do not depend on
+    the counts). Returns tiles (3, T) int32, the expert, first row and end row of tile j, and first
+    (G + 1,), the first tile of each group: group g's tiles are first[g] .. first[g+1]. T is the bound
+    _max_tiles; the tiles past the real ones are empty (first row = end row = 0). G = E; with tail,
+    G = E + 1: the rows past offs[-1] (no expert's) are tiled too, as "expert" E."""
+    ends = offs.long()
+    if tail:
+        ends = torch.cat([ends, ends.new_full((1,), M)])
+    G = ends.shape[0]
+    starts = F.pad(ends[:-1], (1, 0))                                   # (G,)
+    first = F.pad(_cdiv(ends - starts, block).cumsum(0), (1, 0))        # (G + 1,)
+    j = torch.arange(_max_tiles(M, G, block), device=offs.device)      # (T,)
+    g = torch.searchsorted(first[1:], j, right=True)                    # tile j's group; G: past the last
+    real = g < G
+    g_in = g.clamp(max=G - 1)
+    row0 = starts[g_in] + (j - first[g_in]) * block
+    row_end = torch.minimum(row0 + block, ends[g_in])
+    tiles = torch.stack([g, torch.where(real, row0, 0), torch.where(real, row_end, 0)])
+    return tiles.to(torch.int32), first.to(torch.int32)
+
+
+def fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype=torch.bfloat16):
     """c[rows of e] = a[rows of e] @ b[e]^T. a (M, K) FP8 with 1x128 scales, b (E, N, K) FP8 with
-    128x128 scales (E, N/128, K/128). Fprop and Dgrad of the routed experts."""
+    128x128 scales (E, N/128, K/128), offs (E,) int32 as for fp8_experts; the rows past offs[-1] are
+    zeros. Fprop and Dgrad of the routed experts."""
     M, K = a.shape
     E, N, _ = b.shape
-    covered = bounds[-1][1] if bounds else 0
-    c = (torch.empty if covered == M else torch.zeros)(M, N, dtype=out_dtype, device=a.device)
-    if not _grouped_triton(a):
+    if not _grouped_triton(a):  # the loop twin reads the groups on the host
+        bounds = _group_bounds(offs)
+        c = (torch.empty if bounds[-1][1] == M else torch.zeros)(M, N, dtype=out_dtype, device=a.device)
         for e, (s, t) in enumerate(bounds):
             if t > s:
                 fp8_gemm(a[s:t], a_s[s:t], b[e], b_s[e], out_dtype, out=c[s:t])
         return c
-    BLOCK_M = GROUPED_ROWS_CFG["BLOCK_M"]
-    tiles = [(e, r, min(r + BLOCK_M, t)) for e, (s, t) in enumerate(bounds) for r in range(s, t, BLOCK_M)]
-    if not tiles:
-        return c
-    table = _index_table([v for column in zip(*tiles) for v in column], a.device).view(3, -1)   # (3, tiles)
-    grid = (len(tiles), triton.cdiv(N, GROUPED_ROWS_CFG["BLOCK_N"]))
-    _fp8_gemm_rows_grouped_kernel[grid](a, b, c, a_s, b_s, table, len(tiles), N, K, a.stride(0), b.stride(0),
-                                        b.stride(1), c.stride(0), a_s.stride(0), a_s.stride(1), b_s.stride(0),
-                                        b_s.stride(1), b_s.stride(2), BLOCK_K=BLOCK, **GROUPED_ROWS_CFG)
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device)     # every row is in one tile: all written
+    tiles, _ = _group_tiles(offs, M, GROUPED_ROWS_CFG["BLOCK_M"], tail=True)    # (3, cdiv(M, BLOCK_M) + E)
+    grid = (tiles.shape[1], triton.cdiv(N, GROUPED_ROWS_CFG["BLOCK_N"]))
+    _fp8_gemm_rows_grouped_kernel[grid](a, b, c, a_s, b_s, tiles, tiles.shape[1], E, N, K, a.stride(0),
+                                        b.stride(0), b.stride(1), c.stride(0), a_s.stride(0), a_s.stride(1),
+                                        b_s.stride(0), b_s.stride(1), b_s.stride(2), BLOCK_K=BLOCK,
+                                        **GROUPED_ROWS_CFG)
     return c
 
 
 def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
-    """c[e] = a[:, K-blocks of e] @ b[:, K-blocks of e]^T for e < E, K-blocks kblocks[e]..kblocks[e+1].
-    a (M, Kt) and b (N, Kt) FP8 with 1x128 scales along Kt (the experts' padded tokens): Wgrad."""
-    M, N, E = a.shape[0], b.shape[0], len(kblocks) - 1
-    if not _grouped_triton(a):
-        c = torch.empty(E, M, N, dtype=out_dtype, device=a.device)
+    """c[e] = a[:, K-blocks of e] @ b[:, K-blocks of e]^T for e < E, K-blocks kblocks[e]..kblocks[e+1]
+    ((E + 1,) int32, on a's device). a (M, Kt) and b (N, Kt) FP8 with 1x128 scales along Kt (the
+    experts' padded tokens): Wgrad. An expert with no K-blocks gets zeros."""
+    M, N, E = a.shape[0], b.shape[0], kblocks.shape[0] - 1
+    c = torch.empty(E, M, N, dtype=out_dtype, device=a.device)
+    if not _grouped_triton(a):  # the loop twin reads the K-blocks on the host
+        kblocks = kblocks.tolist()
         for e in range(E):
             lo, hi = kblocks[e], kblocks[e + 1]
             if hi > lo:
@@ -857,26 +872,25 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
             else:
                 c[e].zero_()                                       # an expert that got no tokens
         return c
-    c = torch.empty(E, M, N, dtype=out_dtype, device=a.device)
     cfg = GROUPED_K_CFG
-    table = _index_table(kblocks, a.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), E)
-    _fp8_gemm_k_grouped_kernel[grid](a, b, c, a_s, b_s, table, M, N, a.stride(0), b.stride(0), c.stride(0),
+    _fp8_gemm_k_grouped_kernel[grid](a, b, c, a_s, b_s, kblocks, M, N, a.stride(0), b.stride(0), c.stride(0),
                                      c.stride(1), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
                                      BLOCK_K=BLOCK, **cfg)
     return c
 
 
 # The grouped GEMMs as custom ops. offs (E,) int32 holds the cumulative row ends of the experts'
-# groups; the ops read it on the host, inside the op, so the graph stays whole. fp8_experts copies
-# it to the host once (the one sync of a layer's step) and every op of forward and backward reads
-# that copy.
+# groups and stays on the device: the Triton path builds its tile tables from it there
+# (_group_tiles), and every shape and grid is a function of (M, K, N, E) alone, so the fakes are
+# exact, a step queues its kernels without waiting for the GPU, and CUDA graphs can capture it.
+# Only the loop twin reads offs on the host (a sync per op on the GPU).
 
 @torch.library.custom_op("fp8::grouped_gemm", mutates_args=())
 def grouped_gemm_op(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, offs: Tensor, out_dtype: torch.dtype) -> Tensor:
     """fp8_grouped_gemm_rows: c[rows of e] = a[rows of e] @ b[e]^T, (M, N). Fprop and Dgrad."""
     with _no_autocast(a):
-        return fp8_grouped_gemm_rows(a, a_s, b, b_s, _group_bounds(offs), out_dtype)
+        return fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype)
 
 
 @grouped_gemm_op.register_fake
@@ -889,13 +903,13 @@ def grouped_wgrad_op(dy: Tensor, dy_s: Optional[Tensor], x: Tensor, x_s: Optiona
                      pow2_dy: bool, pow2_x: bool, out_dtype: torch.dtype) -> Tensor:
     """dW[e] (N, K) = dy[rows of e]^T x[rows of e] for every expert e: (E, N, K). dy (M, N) and x
     (M, K) as for wgrad_op; each expert's tokens are padded to whole 128-token tiles on their own,
-    so that no tile holds two experts' tokens (the padded token count depends on offs: it stays
-    inside the op)."""
-    bounds = _group_bounds(offs)
+    so that no tile holds two experts' tokens, into a fixed cdiv(M, 128) + E - 1 tiles (the rows
+    past offs[-1] are in none)."""
+    tiles, kblocks = _group_tiles(offs, dy.shape[0])
     with _no_autocast(dy):
-        dyT, dyT_s = act_quant_t(dy, dy_s, pow2=pow2_dy, bounds=bounds)    # (N, Mp)
-        xT, xT_s = act_quant_t(x, x_s, pow2=pow2_x, bounds=bounds)         # (K, Mp)
-        return fp8_grouped_gemm_k(dyT, dyT_s, xT, xT_s, _group_kblocks(bounds), out_dtype)
+        dyT, dyT_s = act_quant_t(dy, dy_s, pow2=pow2_dy, tiles=tiles)    # (N, Mp)
+        xT, xT_s = act_quant_t(x, x_s, pow2=pow2_x, tiles=tiles)         # (K, Mp)
+        return fp8_grouped_gemm_k(dyT, dyT_s, xT, xT_s, kblocks, out_dtype)
 
 
 @grouped_wgrad_op.register_fake
@@ -957,12 +971,13 @@ def _check_experts(*ws):
 def fp8_experts(x, w1, w2, w3, offs, x_q=None):
     """The routed experts in FP8: y[rows of e] = w2[e](silu(w1[e] x) * w3[e] x) for the rows of x
     (M, D) sorted by expert; w1, w3 (E, I, D), w2 (E, D, I) stacked; offs int32 (E,) cumulative row
-    ends (torch._grouped_mm's convention; groups may be empty). x_q: x already quantized, (x_fp8,
-    x_s) in 1x128 tiles with power-of-two scales (comm.py's FP8 dispatch); the gradient still flows
-    to x. Dims must be multiples of 128."""
+    ends on x's device (torch._grouped_mm's convention; groups may be empty; rows past offs[-1]
+    belong to no expert: their y and dx are zeros), never read on the host by the Triton path.
+    x_q: x already quantized, (x_fp8, x_s) in 1x128 tiles with power-of-two scales (comm.py's FP8
+    dispatch); the gradient still flows to x. Dims must be multiples of 128."""
     _check_experts(w1, w2, w3)
     x_fp8, x_s = x_q if x_q is not None else (None, None)
-    return _FP8ExpertsFn.apply(x, w1, w2, w3, offs.cpu(), _compute_dtype(x), x_fp8, x_s)   # the host read
+    return _FP8ExpertsFn.apply(x, w1, w2, w3, offs, _compute_dtype(x), x_fp8, x_s)
 
 
 def fp8_experts_ref(x, w1, w2, w3, offs, dy):
@@ -1026,10 +1041,11 @@ def fp8_grouped_linear(x, w, offs, x_q=None):
     like FP8Linear. x_q: x already quantized, (x_fp8 (M, K), x_s (M, K/128)) in 1x128 tiles."""
     _check_experts(w)
     x_fp8, x_s = x_q if x_q is not None else (None, None)
-    return _FP8GroupedLinearFn.apply(x, w, offs.cpu(), _compute_dtype(x), x_fp8, x_s)
+    return _FP8GroupedLinearFn.apply(x, w, offs, _compute_dtype(x), x_fp8, x_s)
 
 
 def fp8_grouped_linear_ref(x, w, offs):
-    """The plain twin: a loop over experts of FP8Linear's math."""
-    ys = [fp8_linear(x[s:t], w[e]) for e, (s, t) in enumerate(_group_bounds(offs))]
-    return torch.cat(ys, 0)
+    """The plain twin: a loop over experts of FP8Linear's math (zeros for the rows past offs[-1])."""
+    bounds = _group_bounds(offs)
+    ys = [fp8_linear(x[s:t], w[e]) for e, (s, t) in enumerate(bounds)]
+    return F.pad(torch.cat(ys, 0), (0, 0, 0, x.shape[0] - bounds[-1][1]))

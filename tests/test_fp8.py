@@ -509,7 +509,8 @@ def test_triton_quant_matches_torch(device, pow2):
     out = torch.float32 if device == "cpu" else torch.float8_e4m3fn
     x = activations(200, 512, device).to(torch.bfloat16)
     w = torch.randn(256, 384, device=device)
-    groups = dict(bounds=[(0, 130), (130, 130), (130, 200)])
+    offs = torch.tensor([130, 130, 180], dtype=torch.int32, device=device)   # an empty expert, 20 rows in none
+    groups = dict(tiles=fp8._group_tiles(offs, 200)[0])
     experts = torch.randn(3, 256, 384, device=device)
     for f, args, kw in ((fp8.act_quant, (x,), {}), (fp8.weight_quant, (w,), {}), (fp8.act_quant_t, (x,), {}),
                         (fp8.act_quant_t, fp8.act_quant_ref(x), {}), (fp8.act_quant_t, (x,), groups),
