@@ -98,16 +98,18 @@ Every quantization and GEMM step is a torch.library custom op (torch.ops.fp8.*) 
 implementation that gives its output shapes, and FP8Linear and the experts are autograd.Functions
 over those ops. torch.compile therefore keeps each step as one opaque node of a whole graph, with
 no graph break inside a block, and traces the Functions' backward too. The data-dependent work
-stays inside an op: the grouped GEMMs read the experts' row counts on the host there (from one
-copy per layer, made at a sync; tracing into them would specialize on the counts and recompile
-every step).
+stays on the device: the grouped GEMMs take the experts' row ends (offs) as a device tensor and
+build their tile tables from it there, over a bound that depends on the shapes alone (M tokens,
+E experts), so every output shape and launch grid is fixed and nothing waits for the counts on the
+host: the grouped ops no longer stand in the way of CUDA graphs (not yet tried on the GPU).
 Selective recomputation (moe.recompute, keep=moe.MATMULS) keeps the FP8 GEMM outputs as it keeps
 BF16 ones: MATMULS lists FPROP_OPS.
 
 Simplified here: every FP8 tensor is E4M3 with FP32 scales (no E5M6 for the attention output's
 cached input, no BF16 optimizer moments; FP8 dispatch traffic is comm.py's); the routed experts'
-GEMMs are a grouped Triton kernel or a loop over experts, and read the group sizes on the host
-(one sync per layer and step); their dimensions must be multiples of 128 (FP8Linear pads its own).
+GEMMs are a grouped Triton kernel (which launches tiles for the worst case of the row counts and
+lets the unused ones return at once) or a loop over experts (the reference: it reads the counts on
+the host); their dimensions must be multiples of 128 (FP8Linear pads its own).
 """
 
 import os
@@ -812,9 +814,9 @@ def _max_tiles(M, groups, block):
 
 def _group_tiles(offs, M, block=BLOCK, tail=False):
     """Each expert's rows cut into tiles of at most `block` rows, computed on offs's device with
-    torch ops (offs is never read on the host, so the shapes and the launch grids do not depend on
-    the counts). Returns tiles (3, T) int32, the expert, first row and end row of tile j, and first
-    (G + 1,), the first tile of each group: group g's tiles are first[g] .. first[g+1]. T is the bound
+    torch ops: no value of offs reaches Python, so no shape or launch grid depends on the counts.
+    Returns tiles (3, T) int32, the expert, first row and end row of tile j, and first (G + 1,)
+    int32, the first tile of each group: group g's tiles are first[g] .. first[g+1]. T is the bound
     _max_tiles; the tiles past the real ones are empty (first row = end row = 0). G = E; with tail,
     G = E + 1: the rows past offs[-1] (no expert's) are tiled too, as "expert" E."""
     ends = offs.long()

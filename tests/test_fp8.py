@@ -301,8 +301,9 @@ def test_custom_ops_fake_impls_match_real(name):
 # ----------------------------------------------------------------------------- routed experts
 
 
-def _grouped_case(sizes, K=256, N=128, device="cpu"):
-    x = activations(sum(sizes), K, device)
+def _grouped_case(sizes, K=256, N=128, device="cpu", uncovered=0):
+    """Tokens sorted by expert, sizes[e] rows each, then `uncovered` rows past offs[-1] (no expert's)."""
+    x = activations(sum(sizes) + uncovered, K, device)
     w = torch.randn(len(sizes), N, K, device=device) / K ** 0.5
     offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
     return x, w, offs
@@ -324,8 +325,106 @@ def test_grouped_linear_matches_per_expert_loop():
     exact = torch.cat([x[s:t] @ w[e].t() for e, (s, t) in enumerate(fp8._group_bounds(offs))])
     assert rel(got[0], exact) < 0.05
 
-def _experts_case(sizes, D=256, I=128):
-    x = activations(sum(sizes), D)
+# uneven groups: empty experts (first, middle, last), experts under 128 rows, M not a multiple of
+# 128, and rows past offs[-1] that belong to no expert (sizes, uncovered rows)
+GROUP_CASES = [([130, 0, 37, 90], 0), ([3, 200, 0, 64], 45), ([0, 150, 40, 0], 70)]
+
+
+def _host_tiles(offs, M, block, tail):
+    """The tiling as the host built it before: (expert, first row, end row) of each tile."""
+    bounds = fp8._group_bounds(offs) + ([(int(offs[-1]), M)] if tail else [])
+    return [(g, r, min(r + block, t)) for g, (s, t) in enumerate(bounds) for r in range(s, t, block)]
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_group_tiles_match_the_host_tiling(tail):
+    """_group_tiles (torch ops on offs's device) gives the host's tile list in order, then empty
+    tiles up to the bound cdiv(M, block) + groups - 1, and each group's first tile. The bound is
+    reached (sizes of 129 rows need two tiles each) and never exceeded (random sizes)."""
+    E = 5
+    tight = ([129] * (E - 1), 129) if tail else ([129] * E, 0)   # 5 groups of 129 rows: 10 tiles of 128
+    cases = list(GROUP_CASES) + [tight]
+    for _ in range(20):                                          # fresh draws, many empty or short groups
+        sizes = (torch.randint(0, 300, (E,)) * (torch.rand(E) < 0.7)).tolist()
+        cases.append((sizes, int(torch.randint(0, 130, ()))))
+    for block in (64, 128):
+        for sizes, extra in cases:
+            offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+            M = sum(sizes) + extra
+            tiles, first = fp8._group_tiles(offs, M, block, tail)
+            host = _host_tiles(offs, M, block, tail)
+            groups = len(sizes) + tail
+            assert tiles.dtype == torch.int32 and tiles.shape == (3, -(-M // block) + groups - 1)
+            assert tiles[:, :len(host)].t().tolist() == [list(t) for t in host]
+            assert torch.equal(tiles[1:, len(host):], torch.zeros_like(tiles[1:, len(host):]))   # empty
+            counts = torch.bincount(torch.tensor([t[0] for t in host], dtype=torch.long), minlength=groups)
+            assert first.tolist() == [0] + counts.cumsum(0).tolist()
+            if (sizes, extra) == tight and block == 128:
+                assert len(host) == tiles.shape[1] == 10         # the bound is reached
+
+
+def test_group_tiles_need_no_values():
+    """Under FakeTensorMode (tensors without data; reading one, or an output shape that depends on
+    one, raises) the tables still come out, with the same static shapes: nothing depends on the counts."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        offs = mode.from_tensor(torch.tensor([3, 203, 203, 267], dtype=torch.int32))
+        tiles, first = fp8._group_tiles(offs, 312, 64, tail=True)
+        xT, s = fp8.act_quant_t(torch.randn(312, 256), tiles=fp8._group_tiles(offs, 312)[0])
+    assert tiles.shape == (3, 5 + 4) and first.shape == (5 + 1,)
+    assert xT.shape == (256, (3 + 3) * 128) and s.shape == (256, 3 + 3)
+
+
+@pytest.mark.parametrize("sizes, uncovered", GROUP_CASES)
+def test_act_quant_t_pads_each_expert_into_a_fixed_width(sizes, uncovered):
+    """With the experts' tiles, act_quant_t writes each expert's tokens 128x1-quantized and padded on
+    their own (exactly act_quant_t_ref of its rows alone) at its first tile, into (cdiv(M, 128) +
+    E - 1) * 128 columns whatever the counts; the columns no expert fills, zeros. The rows past
+    offs[-1] are in none of them."""
+    x, _, offs = _grouped_case(sizes, uncovered=uncovered)
+    M, E = x.shape[0], len(sizes)
+    for x_s in (None, True):
+        xq, xq_s = fp8.act_quant(x, pow2=True) if x_s else (x, None)   # also from an FP8 cache
+        tiles, first = fp8._group_tiles(offs, M)
+        xT, s = fp8.act_quant_t(xq, xq_s, tiles=tiles)
+        assert xT.shape == (x.shape[1], (-(-M // 128) + E - 1) * 128) and s.shape == (x.shape[1], xT.shape[1] // 128)
+        filled = torch.zeros(xT.shape[1], dtype=torch.bool)
+        for e, (a, b) in enumerate(fp8._group_bounds(offs)):
+            cols = slice(int(first[e]) * 128, int(first[e + 1]) * 128)
+            ref, ref_s = fp8.act_quant_t_ref(xq[a:b], None if xq_s is None else xq_s[a:b])
+            assert torch.equal(xT[:, cols].float(), ref.float()) and torch.equal(s[:, cols.start // 128:cols.stop // 128], ref_s)
+            filled[cols] = True
+        assert torch.equal(xT[:, ~filled].float(), torch.zeros_like(xT[:, ~filled].float()))
+
+
+@pytest.mark.parametrize("sizes, uncovered", GROUP_CASES)
+def test_grouped_linear_and_experts_on_uneven_groups_match_their_twins(sizes, uncovered):
+    """The loop path of fp8_grouped_linear and fp8_experts against the per-expert twins on uneven
+    groups; the rows past offs[-1] give zeros in y and dx, and nothing to dW: redrawing their x and
+    dy leaves every weight gradient bit for bit the same."""
+    x, w, offs = _grouped_case(sizes, uncovered=uncovered)
+    M, covered = x.shape[0], int(offs[-1])
+    got, ref = _run(fp8.fp8_grouped_linear, x, w, offs), _run(fp8.fp8_grouped_linear_ref, x, w, offs)
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape and rel(g, r) < 1e-6
+    assert torch.equal(got[0][covered:], torch.zeros_like(got[0][covered:]))
+    assert torch.equal(got[1][covered:], torch.zeros_like(got[1][covered:]))
+    x2 = torch.cat([x[:covered], activations(M - covered, x.shape[1])])
+    assert torch.equal(_run(fp8.fp8_grouped_linear, x2, w, offs)[2], got[2])
+    x, w1, w2, w3, offs = _experts_case(sizes, uncovered=uncovered)
+    dy = torch.randn_like(x)
+    got, ref = _run_experts(x, w1, w2, w3, offs, dy), fp8.fp8_experts_ref(x, w1, w2, w3, offs, dy)
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape and rel(g, r) < 1e-6
+    assert all(torch.equal(t[covered:], torch.zeros_like(t[covered:])) for t in got[:2])   # y, dx
+    x2, dy2 = (torch.cat([t[:covered], torch.randn(M - covered, t.shape[1]) * 10]) for t in (x, dy))
+    again = _run_experts(x2, w1, w2, w3, offs, dy2)
+    assert all(torch.equal(a, g) for a, g in zip(again[2:], got[2:]))
+    for e in (e for e, n in enumerate(sizes) if n == 0):        # an expert with no tokens: zero dW
+        assert all(torch.equal(dw[e], torch.zeros_like(dw[e])) for dw in got[2:])
+
+def _experts_case(sizes, D=256, I=128, uncovered=0):
+    x = activations(sum(sizes) + uncovered, D)
     w1, w3 = torch.randn(len(sizes), I, D) / D ** 0.5, torch.randn(len(sizes), I, D) / D ** 0.5
     w2 = torch.randn(len(sizes), D, I) / I ** 0.5
     offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
@@ -448,8 +547,8 @@ def test_recompute_keeps_fp8_gemm_outputs():
 @pytest.mark.parametrize("layer", [0, 1], ids=["dense", "moe"])
 def test_fp8_block_compiles_whole_and_matches_eager(layer, recompute):
     """torch.compile(fullgraph=True) of an FP8 block: one graph, no break (the FP8 steps are custom
-    ops; the experts' host read of the group sizes happens inside one), forward and backward traced
-    through AOTAutograd. In FP32 the compiled block runs the same kernels in the same order as eager:
+    ops; the experts' tile tables are built from offs on the device, inside them), forward and
+    backward traced through AOTAutograd. In FP32 the compiled block runs the same kernels in the same order as eager:
     the same numbers bit for bit. (Under BF16 autocast the traced attention backward rounds
     differently, 4e-3 in BF16 alone, and FP8 re-quantization spreads that to the percent level.)"""
     torch._dynamo.reset()
@@ -547,9 +646,15 @@ def test_triton_gemm_matches_torch(device, b_tiles):
 
 
 @kernel_devices
-def test_triton_grouped_gemms_match_loop(device):
-    sizes = [130, 0, 37, 89] if device == "cpu" else [700, 0, 128, 77, 1024, 3]
-    x, w, offs = _grouped_case(sizes, K=256, N=128, device=device)
+@pytest.mark.parametrize("sizes, uncovered", [([130, 0, 37, 89], 0)] + GROUP_CASES)
+def test_triton_grouped_gemms_match_loop(device, sizes, uncovered):
+    """The grouped kernels (tile tables built on the device, grids over a bound) against the loop over
+    experts: the same FP8 operands, outputs in BF16/FP32 (< 5e-3). The rows past offs[-1] come out
+    as exact zeros (the kernels write them: the output is not pre-zeroed) and add nothing to dW."""
+    if device == "cuda":
+        sizes, uncovered = [s * 5 + 3 * (s > 0) for s in sizes] + [1024], uncovered * 3
+    x, w, offs = _grouped_case(sizes, K=256, N=128, device=device, uncovered=uncovered)
+    covered = int(offs[-1])
     # the interpreter's FP8 cast is inexact: there only the GEMM kernels run in Triton
     fp8.quant_impl = "torch" if device == "cpu" else "triton"
     ref = _run(fp8.fp8_grouped_linear, x, w, offs)             # loop over experts, torch GEMMs
@@ -557,7 +662,93 @@ def test_triton_grouped_gemms_match_loop(device):
     got = _run(fp8.fp8_grouped_linear, x, w, offs)
     for g, r in zip(got, ref):
         assert rel(g, r) < 5e-3                                # BF16/FP32 outputs of the same FP8 operands
-    assert torch.equal(got[2][1], torch.zeros_like(got[2][1]))
+    assert all(torch.equal(t[covered:], torch.zeros_like(t[covered:])) for t in got[:2])
+    for e in (e for e, n in enumerate(sizes) if n == 0):
+        assert torch.equal(got[2][e], torch.zeros_like(got[2][e]))
+    x2 = torch.cat([x[:covered], activations(x.shape[0] - covered, x.shape[1], device)])
+    assert torch.equal(_run(fp8.fp8_grouped_linear, x2, w, offs)[2], got[2])
+
+
+@kernel_devices
+@pytest.mark.parametrize("sizes, uncovered", GROUP_CASES[1:])
+def test_triton_fp8_experts_match_loop_and_ref(device, sizes, uncovered):
+    """fp8_experts forward and backward on the grouped kernels against the loop path and against
+    fp8_experts_ref, on uneven groups with uncovered rows (zeros in y and dx). The GEMMs agree to
+    FP32 rounding; the FP8 re-quantizations in between (SwiGLU output, w1 x, w3 x, dh1, dh3) may
+    move an element to its FP8 neighbour after that: we allow 1e-2, far under FP8's ~4%."""
+    x, w1, w2, w3, offs = (t.to(device) for t in _experts_case(sizes, uncovered=uncovered))
+    covered = int(offs[-1])
+    dy = torch.randn_like(x)
+    fp8.quant_impl = "torch" if device == "cpu" else "triton"
+    loop = _run_experts(x, w1, w2, w3, offs, dy)
+    fp8.grouped_impl = "triton"
+    got = _run_experts(x, w1, w2, w3, offs, dy)
+    ref = fp8.fp8_experts_ref(x, w1, w2, w3, offs, dy)
+    for g, l, r in zip(got, loop, ref):
+        assert g.shape == l.shape == r.shape and rel(g, l) < 1e-2 and rel(g, r) < 1e-2
+    assert all(torch.equal(t[covered:], torch.zeros_like(t[covered:])) for t in got[:2])
+    for e in (e for e, n in enumerate(sizes) if n == 0):
+        assert all(torch.equal(dw[e], torch.zeros_like(dw[e])) for dw in got[2:])
+
+
+class NoHostReads(TorchDispatchMode):
+    """Raises where a tensor's value is read into Python (item(), int(), bool(): aten's
+    _local_scalar_dense); tolist(), which bypasses the dispatcher, is patched to raise too."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("a tensor's value was read on the host")
+        return func(*args, **(kwargs or {}))
+
+
+@kernel_devices
+def test_triton_experts_read_no_counts_on_the_host(device, monkeypatch):
+    """The Triton path of fp8_experts and fp8_grouped_linear, forward and backward, reads no value
+    of offs (nor of any tensor) on the host; the loop path, which does, is caught."""
+    x, w1, w2, w3, offs = (t.to(device) for t in _experts_case([3, 200, 0, 64], uncovered=45))
+    dy = torch.randn_like(x)
+
+    def tolist(t):
+        raise AssertionError("tolist on the host")
+    fp8.quant_impl = "torch" if device == "cpu" else "triton"
+    fp8.grouped_impl = "triton"
+    _run_experts(x, w1, w2, w3, offs, dy)                      # compile and autotune outside the check
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    with NoHostReads():
+        _run_experts(x, w1, w2, w3, offs, dy)
+        _run(fp8.fp8_grouped_linear, x, w1, offs)
+    fp8.grouped_impl = "loop"
+    with pytest.raises(AssertionError, match="on the host"), NoHostReads():
+        _run(fp8.fp8_grouped_linear, x, w1, offs)
+
+
+@cuda_only
+def test_fp8_experts_make_no_host_sync_on_the_gpu():
+    """With torch.cuda.set_sync_debug_mode("error") any synchronizing CUDA call raises: fp8_experts
+    and fp8_grouped_linear, forward and backward on the GPU kernels, make none (after a first call
+    that compiles and autotunes the kernels, which does synchronize)."""
+    fp8.gemm_impl, fp8.quant_impl, fp8.grouped_impl = "auto", "auto", "triton"
+    x, w1, w2, w3, offs = (t.cuda() for t in _experts_case([300, 0, 77, 189], D=512, I=256, uncovered=50))
+    dy = torch.randn_like(x)
+    x, w1, w2, w3 = (t.requires_grad_(True) for t in (x, w1, w2, w3))
+
+    def step():
+        fp8.fp8_experts(x, w1, w2, w3, offs).backward(dy)
+        fp8.fp8_grouped_linear(x, w1, offs).backward(dy[:, :w1.shape[1]])
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match="synchroniz"):   # the check works: a host read raises
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            offs[-1].item()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 @cuda_only
