@@ -885,8 +885,8 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
 # The grouped GEMMs as custom ops. offs (E,) int32 holds the cumulative row ends of the experts'
 # groups and stays on the device: the Triton path builds its tile tables from it there
 # (_group_tiles), and every shape and grid is a function of (M, K, N, E) alone, so the fakes are
-# exact, a step queues its kernels without waiting for the GPU, and CUDA graphs can capture it.
-# Only the loop twin reads offs on the host (a sync per op on the GPU).
+# exact, the host queues the kernels without waiting for the GPU, and nothing here stands in the
+# way of a CUDA graph. Only the loop twin reads offs on the host (on the GPU, a sync per op).
 
 @torch.library.custom_op("fp8::grouped_gemm", mutates_args=())
 def grouped_gemm_op(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, offs: Tensor, out_dtype: torch.dtype) -> Tensor:
