@@ -47,6 +47,15 @@ An expert-parallel group that spans nodes (16 ranks on 4 nodes of 4, PP=1, DP=16
     rank 5: ep [0..7], node [4 5 6 7], rail [1 5], edp [5 13]; with n_expert_groups = 2 (one per
     node of the ep group) and M = 1, every token of rank 5 is served by one node.
 
+pp_inner=True orders the ranks the other way, ranks = arange(world).view(edp, ep, pp) with the
+stage varying fastest: a pipeline's stages sit on consecutive ranks, inside one node, and the dp
+and ep groups of a stage span the nodes (8 ranks on 2 nodes of 4, PP=4, DP=2, EP=2):
+
+        node 0: one pipeline            node 1: the other
+        0  1  2  3                      4  5  6  7        (stage = rank % 4)
+    rank 5: pp [4 5 6 7], ep [1 5] (across the nodes: node-limited routing has 2 nodes to choose
+    from), node [5], rail [1 5]
+
 Dispatch and combine (3.2.2); h (N, D) tokens, idx (N, K) their experts, E_l = E/ep experts a GPU
     1. count the rows for each destination expert, exchange the count matrix (all_to_all_single of
        (ep, E_l) counts; a host sync, as in any implementation without DeepEP's kernels)
@@ -133,6 +142,9 @@ class Layout:
     pp: int = 1
     ep: int = 1
     n_experts: int = 0    # routed experts per MoE layer; 0: not checked here
+    pp_inner: bool = False  # rank order: False stage-major (a stage's dp ranks consecutive); True
+                            # the stages of one pipeline on consecutive ranks (a node holds whole
+                            # pipelines, and the dp and ep groups span the nodes)
 
     def __post_init__(self):
         bad = []
@@ -146,9 +158,13 @@ class Layout:
             bad.append(f"ep={self.ep} must divide n_routed_experts={self.n_experts}")
         if self.local_world < 1 or self.world % self.local_world:
             bad.append(f"local_world={self.local_world} (ranks per node) must divide the world size {self.world}")
-        elif self.ep > 1 and self.local_world % self.ep and self.ep % self.local_world:
-            bad.append(f"an expert-parallel group must sit inside one node or span whole nodes: ep={self.ep} "
+        elif self.pp_inner and self.local_world % self.pp and self.pp % self.local_world:
+            bad.append(f"with pp_inner a node holds whole pipelines or a pipeline whole nodes: pp={self.pp} "
                        f"and local_world={self.local_world} must divide one another")
+        elif self.ep > 1 and self.per_node % self.ep and self.ep % self.per_node:
+            bad.append(f"an expert-parallel group must sit inside one node or span whole nodes: ep={self.ep} "
+                       f"and local_world={self.local_world}" + (f" / pp={self.pp}" if self.pp_inner else "")
+                       + " must divide one another")
         if bad:
             raise ValueError(f"parallel layout world={self.world}, local_world={self.local_world}, pp={self.pp}, "
                              f"ep={self.ep}: " + "; ".join(bad))
@@ -162,19 +178,30 @@ class Layout:
         return self.dp // self.ep
 
     @property
+    def per_node(self):
+        """Consecutive members of a stage's dp group that one node holds (pp_inner: one per pipeline)."""
+        return max(1, self.local_world // self.pp) if self.pp_inner else self.local_world
+
+    @property
     def nodes_per_ep(self):
-        return max(1, self.ep // self.local_world)
+        return self.ep // self.ranks_per_node_ep
 
     @property
     def ranks_per_node_ep(self):
-        return min(self.ep, self.local_world)
+        return min(self.ep, self.per_node)
 
     def grid(self):
-        return torch.arange(self.world).view(self.pp, self.edp, self.ep)  # (pp, edp, ep)
+        """(pp, edp, ep) tensor of ranks: stage-major, or with the stage varying fastest (pp_inner)."""
+        if self.pp_inner:
+            return torch.arange(self.world).view(self.edp, self.ep, self.pp).permute(2, 0, 1)
+        return torch.arange(self.world).view(self.pp, self.edp, self.ep)
 
     def coords(self, rank):
         """(pipeline stage, index among copies of the experts, rank inside the ep group)."""
-        p, rest = divmod(rank, self.dp)
+        if self.pp_inner:
+            rest, p = divmod(rank, self.pp)
+        else:
+            p, rest = divmod(rank, self.dp)
         e, r = divmod(rest, self.ep)
         return p, e, r
 
@@ -251,13 +278,13 @@ def make_grid(layout, rank):
     return Grid(layout, rank, groups)
 
 
-def init(pp=1, ep=1, nccl_channels=None, local_world=None, n_experts=0, backend=None):
+def init(pp=1, ep=1, nccl_channels=None, local_world=None, n_experts=0, backend=None, pp_inner=False):
     """The grid from torchrun's environment (WORLD_SIZE, RANK, LOCAL_WORLD_SIZE, LOCAL_RANK).
     Checks the layout before any process group exists; starts the default group if needed.
     nccl_channels=N caps NCCL at N channels / CTAs (SMs) per kernel; local_world overrides the
     ranks per node (tests simulate nodes with it)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    layout = Layout(world, local_world or int(os.environ.get("LOCAL_WORLD_SIZE", world)), pp, ep, n_experts)
+    layout = Layout(world, local_world or int(os.environ.get("LOCAL_WORLD_SIZE", world)), pp, ep, n_experts, pp_inner)
     if nccl_channels:
         if dist.is_initialized() and dist.get_backend() == "nccl":
             raise RuntimeError("init(nccl_channels=...) must run before the NCCL process group exists: "
@@ -625,7 +652,7 @@ def shard_experts(model, grid, hierarchical=False, overlap=True):
     for _, moe in moe_layers(model):
         E = moe.args.n_routed_experts
         lay = grid.layout
-        Layout(lay.world, lay.local_world, lay.pp, lay.ep, E)  # raises if ep does not divide E
+        Layout(lay.world, lay.local_world, lay.pp, lay.ep, E, lay.pp_inner)  # raises if ep does not divide E
         check_node_limited(moe.args, grid.layout)
         start, stop = expert_range(grid, E)
         for name in ("w1", "w2", "w3"):

@@ -99,6 +99,7 @@ pp = 1                      # pipeline parallelism: the blocks split into this m
 pipeline = "dualpipe"       # the pipeline schedule: dualpipe (3.2.1) | 1f1b; grad_accum micro-batches per step
 overlap = True              # DualPipe's overlapped forward/backward pairs (the all-to-all hidden behind compute)
 ep = 1                      # expert parallelism: each MoE layer's routed experts split over this many ranks
+pp_inner = False            # rank order. True: a pipeline's stages on consecutive ranks (a node), dp and ep across nodes
 dispatch = "flat"           # expert-parallel all-to-all: flat | hierarchical (3.2.2: a node once, then NVLink)
 nccl_channels = 0           # cap on NCCL's channels (one thread block, i.e. one SM, each) per kernel; 0: NCCL's choice
 # system
@@ -218,7 +219,7 @@ def check_settings(c):
 # Settings of the parallel layout join them as they come (comm.py, dualpipe.py).
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "dtype", "compile", "cache_dir",
              "save_checkpoints",
-             "batch_size", "grad_accum", "ep", "dispatch", "nccl_channels", "pp", "pipeline", "overlap"}
+             "batch_size", "grad_accum", "ep", "dispatch", "nccl_channels", "pp", "pipeline", "overlap", "pp_inner"}
 # Settings of one invocation, never taken from the checkpoint (out_dir is where it was found).
 PER_RUN = {"resume", "stop_iter", "out_dir"}
 
@@ -277,7 +278,7 @@ def compute_init(c, args):
                          f"{e}") from None
     try:
         grid = comm.init(pp=c.pp, ep=c.ep, nccl_channels=c.nccl_channels or None, n_experts=args.n_routed_experts,
-                         backend="nccl" if cuda else "gloo")
+                         backend="nccl" if cuda else "gloo", pp_inner=c.pp_inner)
         if c.ep > 1:
             comm.check_node_limited(args, grid.layout)
     except ValueError as e:
@@ -792,7 +793,8 @@ def main(argv=None):
         data_lib.save_ranks(data_lib.load_ranks(info["tokenizer"]), tokenizer_file)
     moe_ids = moe_layer_ids(args)
     header = dict(settings=vars(c), model_args=asdict(args), moe_layers=moe_ids,
-                  tokens_per_step=c.batch_size * c.seq_len * c.grad_accum * dp)
+                  tokens_per_step=c.batch_size * c.seq_len * c.grad_accum * dp,
+                  groups=grid.ranks)  # the process groups of rank 0, the one that writes the log
     log_file = open_log(os.path.join(c.out_dir, "log.jsonl"), start, header) if master else None
     if ckpt is not None:
         print0(f"resumed from {ckpt_path} at step {start}")

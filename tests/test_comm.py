@@ -110,7 +110,48 @@ def test_docstring_layout_ep_group_across_nodes():
     assert grid.links("ep") == ["inter"] * 4 + ["intra", "self", "intra", "intra"]
 
 
+def test_pp_inner_layout_puts_whole_pipelines_on_a_node_and_ep_across_nodes():
+    """8 ranks on 2 nodes of 4, PP=4, EP=2 with pp_inner (issue 14's layout): each node holds one whole
+    pipeline, and every stage's expert-parallel pair spans the two nodes."""
+    lay = comm.Layout(8, 4, pp=4, ep=2, pp_inner=True)
+    assert (lay.dp, lay.edp, lay.nodes_per_ep, lay.ranks_per_node_ep) == (2, 1, 2, 1)
+    g = lay.groups(5)
+    assert g["pp"] == [4, 5, 6, 7] and g["ep"] == [1, 5] and g["dp"] == [1, 5] and g["rail"] == [1, 5]
+    assert g["node"] == [5] and g["edp"] == [5]
+    grid = comm.Grid(lay, 5, {k: None for k in comm.GROUPS})
+    assert (grid.pp_rank, grid.ep_rank, grid.dp_rank, grid.node_in_ep) == (1, 1, 1, 1)
+    assert grid.links("ep") == ["inter", "self"] and grid.links("pp") == ["intra", "self", "intra", "intra"]
+
+
+@pytest.mark.parametrize("world, local, pp, ep", [(8, 4, 4, 2), (8, 8, 2, 4), (16, 4, 2, 4), (16, 8, 2, 2),
+                                                  (8, 2, 4, 2), (16, 4, 4, 4), (8, 4, 2, 4)])
+@pytest.mark.parametrize("pp_inner", [False, True])
+def test_every_layout_is_consistent(world, local, pp, ep, pp_inner):
+    """Whatever the rank order: every kind of group partitions the world; coords inverts the grid;
+    an ep group's members sit on nodes_per_ep nodes, ranks_per_node_ep on each, in node order; the
+    node groups are those pieces and the rail groups one member per node."""
+    lay = comm.Layout(world, local, pp=pp, ep=ep, pp_inner=pp_inner)
+    grid = lay.grid()
+    for rank in range(world):
+        assert grid[lay.coords(rank)].item() == rank
+    for kind in comm.GROUPS:
+        assert sorted(r for group in lay.all_groups(kind) for r in group) == list(range(world)), kind
+    for group in lay.all_groups("ep"):
+        nodes = [lay.node(r) for r in group]
+        assert nodes == sorted(nodes) and len(set(nodes)) == lay.nodes_per_ep
+        assert all(nodes.count(n) == lay.ranks_per_node_ep for n in set(nodes))
+    for group in lay.all_groups("node"):
+        assert len({lay.node(r) for r in group}) == 1 and len(group) == lay.ranks_per_node_ep
+    for group in lay.all_groups("rail"):
+        assert len({lay.node(r) for r in group}) == len(group) == lay.nodes_per_ep
+    for group in lay.all_groups("pp"):  # one rank of each stage, in stage order
+        assert [lay.coords(r)[0] for r in group] == list(range(pp))
+
+
 @pytest.mark.parametrize("kw, message", [
+    (dict(world=8, local_world=4, pp=3, ep=1, pp_inner=True), "pp=3 must divide the world size 8"),
+    (dict(world=24, local_world=4, pp=3, pp_inner=True), "pp=3 and local_world=4 must divide one another"),
+    (dict(world=12, local_world=6, pp=2, ep=2, pp_inner=True), "ep=2 and local_world=6 / pp=2 must divide"),
     (dict(world=16, local_world=8, pp=3), "pp=3 must divide the world size 16"),
     (dict(world=16, local_world=8, ep=3), "ep=3 must divide dp = world/pp = 16"),
     (dict(world=16, local_world=8, pp=2, ep=16), "ep=16 must divide dp = world/pp = 8"),

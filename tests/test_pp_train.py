@@ -31,10 +31,15 @@ def test_pp2_follows_one_process_and_resumes_on_one(tmp_path, pipeline):
 
 
 def test_pp4_and_pp2_with_ep2(tmp_path):
-    """DualPipe over four stages; and two stages, each expert parallel over two ranks (4 processes)."""
+    """DualPipe over four stages; and two stages, each expert parallel over two ranks (4 processes), in
+    both rank orders."""
     common = [*corpus(tmp_path), "--n_layers=4", "--max_iters=3", "--eval_interval=3", "--batch_size=1",
               "--grad_accum=8"]
     one = train_py(tmp_path / "one", *common)
     # pp=2 x ep=2: 2 data-parallel ranks x 4 micro-batches, the same 8 windows per step
-    for name, layout in [("pp4", ["--pp=4"]), ("pp2ep2", ["--pp=2", "--ep=2", "--grad_accum=4"])]:
-        assert_same_curve(one, train_py(tmp_path / name, *common, *layout, nproc=4), range(1, 4))
+    # pp_inner: the same with the other rank order (stage 0 on ranks 0 and 2, its ep pair [0, 2])
+    for name, layout in [("pp4", ["--pp=4"]), ("pp2ep2", ["--pp=2", "--ep=2", "--grad_accum=4"]),
+                         ("pp2ep2_inner", ["--pp=2", "--ep=2", "--grad_accum=4", "--pp_inner=True"])]:
+        log = train_py(tmp_path / name, *common, *layout, nproc=4)
+        assert_same_curve(one, log, range(1, 4))
+        assert log[0]["groups"]["ep"] == ([0, 2] if name.endswith("inner") else [0, 1] if "ep2" in name else [0])
