@@ -218,8 +218,8 @@ def check_settings(c):
 # On --resume every setting comes from the checkpoint; these may be given anew (each change is printed).
 # Settings of the parallel layout join them as they come (comm.py, dualpipe.py).
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "dtype", "compile", "cache_dir",
-             "save_checkpoints",
-             "batch_size", "grad_accum", "ep", "dispatch", "nccl_channels", "pp", "pipeline", "overlap", "pp_inner"}
+             "save_checkpoints", "batch_size", "grad_accum", "ep", "dispatch", "nccl_channels", "pp", "pipeline",
+             "overlap", "pp_inner"}
 # Settings of one invocation, never taken from the checkpoint (out_dir is where it was found).
 PER_RUN = {"resume", "stop_iter", "out_dir"}
 
