@@ -299,7 +299,6 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
     and what train.py logs beyond it is the loop's own cost."""
     import model
     import train
-    from torch.profiler import ProfilerActivity, profile
     _header(f"step: {preset}, batch {batch_size} x {seq_len}, bf16 autocast{', fp8' if fp8 else ''}"
             f"{', recompute' if recompute else ''}, {'compiled' if compile else 'eager'}"
             f"{', CUDA graphs' if graphs and compile else ''}{', gradient clipping' if clip else ''}")
@@ -340,12 +339,10 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
     flops = model.flops_per_token(m.args, seq_len) * tokens
     print(f"{ms:.1f} ms/step, {tokens / ms * 1e3:,.0f} tokens/s, {flops / ms / 1e9:.0f} TFLOP/s, "
           f"MFU {flops / ms * 1e3 / 989e12:.1%} (of 989 TFLOP/s dense BF16)")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    def clock():
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) * 1e3
+        return time.perf_counter() * 1e3
+    prof, wall = _profiled(step, clock)
     kernels = [(e.key, e.self_device_time_total / 1e3) for e in prof.key_averages() if e.self_device_time_total > 0]
     busy = sum(t for _, t in kernels)
     print(f"under the profiler: {wall:.1f} ms wall, {busy:.1f} ms in kernels (GPU busy {busy / wall:.0%})")
@@ -597,8 +594,8 @@ def _bench_one_stage(args, batch_size, seq_len, chunks, cuda):
         print(f"{pp:>3} {C:>6} | " + " | ".join(f"{s.bubble * 1e3:>26.2f} {s.makespan * 1e3:>9.2f}" for s in sims))
 
 
-def _busy(fn, clock, context=None):
-    """The sum of the CUDA kernels' times during one call of fn, over its wall time."""
+def _profiled(fn, clock, context=None):
+    """One call of fn under the CUDA profiler: (the profile, its wall time by clock())."""
     import contextlib
 
     from torch.profiler import ProfilerActivity, profile
@@ -606,6 +603,12 @@ def _busy(fn, clock, context=None):
         t0 = clock()
         fn()
         wall = clock() - t0
+    return prof, wall
+
+
+def _busy(fn, clock, context=None):
+    """The sum of the CUDA kernels' times during one call of fn, over its wall time (clock in seconds)."""
+    prof, wall = _profiled(fn, clock, context)
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 / wall
 
 

@@ -370,12 +370,12 @@ class AdamW(torch.optim.Optimizer):
             if self.fused_update is not None:
                 # the scalars as 0-dim tensors: the compiled kernel reads them instead of being
                 # recompiled whenever the learning rate or the step changes
-                h = to_device(torch.tensor([1 - beta1, beta2, 1 - beta2, bc2_sqrt, group["eps"], decay, step_size, 1.0]),
-                              params[0].device).unbind()
-                scale = h[-1] if grad_scale is None else grad_scale
+                *h, one = to_device(torch.tensor([1 - beta1, beta2, 1 - beta2, bc2_sqrt, group["eps"], decay,
+                                                  step_size, 1.0]), params[0].device).unbind()
+                scale = one if grad_scale is None else grad_scale
                 for p, s in zip(params, states):
                     self.fused_update(p.view(-1), p.grad.view(-1), s["exp_avg"].view(-1), s["exp_avg_sq"].view(-1),
-                                      *h[:-1], scale)
+                                      *h, scale)
                 continue
             if grad_scale is not None:
                 torch._foreach_mul_([p.grad for p in params], grad_scale)
@@ -770,6 +770,7 @@ def main(argv=None):
     owned, slices = ownership(model, modules, grid)
     compile_optimizer = c.compile == "true" or (c.compile == "auto" and device.type == "cuda")
     optimizer = make_optimizer(model, c, compiled=compile_optimizer)
+    moe_ids = moe_layer_ids(args)  # every MoE layer of the whole model, in the log's order
     start = 0
     if ckpt is not None:  # written by any layout: this rank reads the rows of the experts it holds
         _, tensors = checkpoint_lib.load(ckpt_path, rows=slices.get)
@@ -778,7 +779,6 @@ def main(argv=None):
         load_adam_moments(model, optimizer, tensors, start)
         train_loader.load_state_dict(ckpt["data"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
-        moe_ids = moe_layer_ids(args)
         for m in model.moe_layers() if "run_load" in ckpt else []:  # the global MaxVio goes on counting
             m.run_load.copy_(torch.tensor(ckpt["run_load"][moe_ids.index(m.layer_id)]))
     ema = EMA(model, c.ema_decay)  # from the weights training starts from, the same on every rank
@@ -791,7 +791,6 @@ def main(argv=None):
     tokenizer_file = os.path.join(c.out_dir, "tokenizer.tiktoken")
     if master and info["tokenizer"] != "gpt2" and (ckpt is None or not os.path.exists(tokenizer_file)):
         data_lib.save_ranks(data_lib.load_ranks(info["tokenizer"]), tokenizer_file)
-    moe_ids = moe_layer_ids(args)
     header = dict(settings=vars(c), model_args=asdict(args), moe_layers=moe_ids,
                   tokens_per_step=c.batch_size * c.seq_len * c.grad_accum * dp,
                   groups=grid.ranks)  # the process groups of rank 0, the one that writes the log
@@ -806,7 +805,7 @@ def main(argv=None):
     # Gradients: averaged over the data-parallel ranks after the last micro-batch, the experts' over
     # the ranks holding copies of them (comm.py says why not DDP); loads summed before the bias update.
     reduce_gradients = (lambda: comm.reduce_gradients(nn.ModuleList(modules), grid)) if dp > 1 else (lambda: None)
-    norm = (lambda: grad_norm(model, owned)) if world > 1 else (lambda: grad_norm(model))
+    norm = lambda: grad_norm(model, owned if world > 1 else None)  # noqa: E731
     all_reduce = grid.sum_over_dp if dp > 1 else None
     flops_per_token = model_lib.flops_per_token(args, c.seq_len)
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * dp
