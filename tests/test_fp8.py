@@ -673,19 +673,27 @@ def test_triton_grouped_gemms_match_loop(device, sizes, uncovered):
 @pytest.mark.parametrize("sizes, uncovered", GROUP_CASES[1:])
 def test_triton_fp8_experts_match_loop_and_ref(device, sizes, uncovered):
     """fp8_experts forward and backward on the grouped kernels against the loop path and against
-    fp8_experts_ref, on uneven groups with uncovered rows (zeros in y and dx). The GEMMs agree to
-    FP32 rounding; the FP8 re-quantizations in between (SwiGLU output, w1 x, w3 x, dh1, dh3) may
-    move an element to its FP8 neighbour after that: we allow 1e-2, far under FP8's ~4%."""
+    fp8_experts_ref, on uneven groups with uncovered rows (zeros in y and dx). The grouped kernels
+    and the loop run the same quantizers and, on CUDA, tensor-core GEMMs (cuBLAS's or our Triton
+    one per expert), so they agree closely (H200, 24 fresh draws at five times these sizes: under
+    5e-5; we allow 5e-3, as for the bare GEMMs above). The plain twin multiplies in FP32 where the GPU
+    runs FP8 tensor-core GEMMs; the re-quantizations in between (SwiGLU output, w1 x, w3 x, dh1,
+    dh3) turn the GEMMs' small differences into moves of single elements to their FP8
+    neighbours, so on CUDA the twin is further off: up to 1.14% over those draws (in dW2), and
+    1.17% in a run of this test, whose bound of 1e-2 then failed in two of three runs; we allow
+    2e-2. FP8 itself is 7-13% off the unquantized FP64 result on these inputs."""
     x, w1, w2, w3, offs = (t.to(device) for t in _experts_case(sizes, uncovered=uncovered))
     covered = int(offs[-1])
     dy = torch.randn_like(x)
     fp8.quant_impl = "torch" if device == "cpu" else "triton"
+    fp8.gemm_impl = "auto"                                     # the plain GEMM on the CPU
     loop = _run_experts(x, w1, w2, w3, offs, dy)
     fp8.grouped_impl = "triton"
     got = _run_experts(x, w1, w2, w3, offs, dy)
     ref = fp8.fp8_experts_ref(x, w1, w2, w3, offs, dy)
+    ref_tol = 2e-2 if device == "cuda" else 1e-2
     for g, l, r in zip(got, loop, ref):
-        assert g.shape == l.shape == r.shape and rel(g, l) < 1e-2 and rel(g, r) < 1e-2
+        assert g.shape == l.shape == r.shape and rel(g, l) < 5e-3 and rel(g, r) < ref_tol
     assert all(torch.equal(t[covered:], torch.zeros_like(t[covered:])) for t in got[:2])
     for e in (e for e, n in enumerate(sizes) if n == 0):
         assert all(torch.equal(dw[e], torch.zeros_like(dw[e])) for dw in got[2:])
