@@ -835,10 +835,16 @@ def _group_tiles(offs, M, block=BLOCK, tail=False):
     return tiles.to(torch.int32), first.to(torch.int32)
 
 
-def fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype=torch.bfloat16):
+def row_tiles(offs, M):
+    """The tile table of fp8_grouped_gemm_rows' Triton kernel for M rows grouped by offs: built on
+    the device, once per layer by fp8_experts and handed to its six row GEMMs."""
+    return _group_tiles(offs, M, GROUPED_ROWS_CFG["BLOCK_M"], tail=True)[0]
+
+
+def fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype=torch.bfloat16, tiles=None):
     """c[rows of e] = a[rows of e] @ b[e]^T. a (M, K) FP8 with 1x128 scales, b (E, N, K) FP8 with
     128x128 scales (E, N/128, K/128), offs (E,) int32 as for fp8_experts; the rows past offs[-1] are
-    zeros. Fprop and Dgrad of the routed experts."""
+    zeros. Fprop and Dgrad of the routed experts. tiles: row_tiles(offs, M), if already built."""
     M, K = a.shape
     E, N, _ = b.shape
     if not _grouped_triton(a):  # the loop twin reads the groups on the host
@@ -849,7 +855,9 @@ def fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype=torch.bfloat16):
                 fp8_gemm(a[s:t], a_s[s:t], b[e], b_s[e], out_dtype, out=c[s:t])
         return c
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)     # every row is in one tile: all written
-    tiles, _ = _group_tiles(offs, M, GROUPED_ROWS_CFG["BLOCK_M"], tail=True)    # (3, cdiv(M, BLOCK_M) + E)
+    tiles = row_tiles(offs, M) if tiles is None else tiles     # (3, cdiv(M, BLOCK_M) + E)
+    if tiles.shape != (3, _max_tiles(M, E + 1, GROUPED_ROWS_CFG["BLOCK_M"])):
+        raise ValueError(f"fp8: tiles {tuple(tiles.shape)} are not row_tiles(offs, M={M}) for {E} experts")
     grid = (tiles.shape[1], triton.cdiv(N, GROUPED_ROWS_CFG["BLOCK_N"]))
     _fp8_gemm_rows_grouped_kernel[grid](a, b, c, a_s, b_s, tiles, tiles.shape[1], E, N, K, a.stride(0),
                                         b.stride(0), b.stride(1), c.stride(0), a_s.stride(0), a_s.stride(1),
@@ -889,25 +897,28 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
 # way of a CUDA graph. Only the loop twin reads offs on the host (on the GPU, a sync per op).
 
 @torch.library.custom_op("fp8::grouped_gemm", mutates_args=())
-def grouped_gemm_op(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, offs: Tensor, out_dtype: torch.dtype) -> Tensor:
+def grouped_gemm_op(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, offs: Tensor, out_dtype: torch.dtype,
+                    tiles: Optional[Tensor] = None) -> Tensor:
     """fp8_grouped_gemm_rows: c[rows of e] = a[rows of e] @ b[e]^T, (M, N). Fprop and Dgrad."""
     with _no_autocast(a):
-        return fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype)
+        return fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype, tiles)
 
 
 @grouped_gemm_op.register_fake
-def _(a, a_s, b, b_s, offs, out_dtype):
+def _(a, a_s, b, b_s, offs, out_dtype, tiles=None):
     return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
 
 
 @torch.library.custom_op("fp8::grouped_wgrad", mutates_args=())
 def grouped_wgrad_op(dy: Tensor, dy_s: Optional[Tensor], x: Tensor, x_s: Optional[Tensor], offs: Tensor,
-                     pow2_dy: bool, pow2_x: bool, out_dtype: torch.dtype) -> Tensor:
+                     pow2_dy: bool, pow2_x: bool, out_dtype: torch.dtype, tiles: Optional[Tensor] = None,
+                     kblocks: Optional[Tensor] = None) -> Tensor:
     """dW[e] (N, K) = dy[rows of e]^T x[rows of e] for every expert e: (E, N, K). dy (M, N) and x
     (M, K) as for wgrad_op; each expert's tokens are padded to whole 128-token tiles on their own,
     so that no tile holds two experts' tokens, into a fixed cdiv(M, 128) + E - 1 tiles (the rows
-    past offs[-1] are in none)."""
-    tiles, kblocks = _group_tiles(offs, dy.shape[0])
+    past offs[-1] are in none). tiles, kblocks: _group_tiles(offs, M), if already built."""
+    if tiles is None or kblocks is None:
+        tiles, kblocks = _group_tiles(offs, dy.shape[0])
     with _no_autocast(dy):
         dyT, dyT_s = act_quant_t(dy, dy_s, pow2=pow2_dy, tiles=tiles)    # (N, Mp)
         xT, xT_s = act_quant_t(x, x_s, pow2=pow2_x, tiles=tiles)         # (K, Mp)
@@ -915,7 +926,7 @@ def grouped_wgrad_op(dy: Tensor, dy_s: Optional[Tensor], x: Tensor, x_s: Optiona
 
 
 @grouped_wgrad_op.register_fake
-def _(dy, dy_s, x, x_s, offs, pow2_dy, pow2_x, out_dtype):
+def _(dy, dy_s, x, x_s, offs, pow2_dy, pow2_x, out_dtype, tiles=None, kblocks=None):
     return dy.new_empty(offs.shape[0], dy.shape[1], x.shape[1], dtype=out_dtype)
 
 
@@ -932,35 +943,38 @@ class _FP8ExpertsFn(torch.autograd.Function):
                 x_fp8, x_s = quant_op(x, True)                           # (M, D): once, for w1 and w3
             (w1_fp8, w1_s, w1T), (w2_fp8, w2_s, w2T), (w3_fp8, w3_s, w3T) = (
                 weight_quant_op(w, pow2_scales) for w in (w1, w2, w3))   # (E, out, in), blocks, (E, in, out)
-            h1 = grouped_gemm_op(x_fp8, x_s, w1_fp8, w1_s, offs, out_dtype)   # Fprop (M, I)
-            h3 = grouped_gemm_op(x_fp8, x_s, w3_fp8, w3_s, offs, out_dtype)   # Fprop (M, I)
+            # the Triton kernels' row tiles, for all six row GEMMs (forward and backward); the loop reads offs
+            t = row_tiles(offs, x.shape[0]) if _grouped_triton(x) else None   # (3, cdiv(M, BLOCK_M) + E)
+            h1 = grouped_gemm_op(x_fp8, x_s, w1_fp8, w1_s, offs, out_dtype, t)   # Fprop (M, I)
+            h3 = grouped_gemm_op(x_fp8, x_s, w3_fp8, w3_s, offs, out_dtype, t)   # Fprop (M, I)
             a_fp8, a_s = quant_op(F.silu(h1) * h3, pow2_scales)          # SwiGLU, (M, I)
-            y = grouped_gemm_op(a_fp8, a_s, w2_fp8, w2_s, offs, out_dtype)    # Fprop (M, D)
+            y = grouped_gemm_op(a_fp8, a_s, w2_fp8, w2_s, offs, out_dtype, t)    # Fprop (M, D)
             h1_fp8, h1_s = quant_op(h1, pow2_scales)                     # the SwiGLU inputs, cached in FP8
             h3_fp8, h3_s = quant_op(h3, pow2_scales)
-        ctx.save_for_backward(x_fp8, x_s, h1_fp8, h1_s, h3_fp8, h3_s, offs, w1T, w1_s, w2T, w2_s, w3T, w3_s)
+        ctx.save_for_backward(x_fp8, x_s, h1_fp8, h1_s, h3_fp8, h3_s, offs, w1T, w1_s, w2T, w2_s, w3T, w3_s, t)
         ctx.pow2, ctx.dtypes = pow2_scales, (x.dtype, w1.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_fp8, x_s, h1_fp8, h1_s, h3_fp8, h3_s, offs, w1T, w1_s, w2T, w2_s, w3T, w3_s = ctx.saved_tensors
+        x_fp8, x_s, h1_fp8, h1_s, h3_fp8, h3_s, offs, w1T, w1_s, w2T, w2_s, w3T, w3_s, t = ctx.saved_tensors
         pow2, (x_dtype, w_dtype) = ctx.pow2, ctx.dtypes
         with torch.autocast(dy.device.type, enabled=False):
+            tk = _group_tiles(offs, dy.shape[0])                              # Wgrad's token tiles, for all three
             # the activation gradient before the down-projection: quantized once, for Dgrad and Wgrad
             dy_fp8, dy_s = quant_op(dy.contiguous(), True)                    # (M, D)
-            da = grouped_gemm_op(dy_fp8, dy_s, w2T, w2_s.transpose(1, 2), offs, torch.float32)  # Dgrad (M, I)
+            da = grouped_gemm_op(dy_fp8, dy_s, w2T, w2_s.transpose(1, 2), offs, torch.float32, t)  # Dgrad (M, I)
             h1, h3 = act_dequant(h1_fp8, h1_s), act_dequant(h3_fp8, h3_s)     # from the FP8 cache, (M, I)
             sig = torch.sigmoid(h1)
             a = h1 * sig * h3                                                 # the SwiGLU output, recomputed
-            dw2 = grouped_wgrad_op(dy_fp8, dy_s, a, None, offs, True, pow2, w_dtype)  # Wgrad (E, D, I): dy re-tiled
+            dw2 = grouped_wgrad_op(dy_fp8, dy_s, a, None, offs, True, pow2, w_dtype, *tk)  # Wgrad (E, D, I): dy re-tiled
             dh1 = da * h3 * sig * (1 + h1 * (1 - sig))                        # silu'(h) = sig (1 + h (1 - sig))
             dh3 = da * h1 * sig
             (dh1_fp8, dh1_s), (dh3_fp8, dh3_s) = quant_op(dh1, pow2), quant_op(dh3, pow2)   # (M, I) each
-            dx = (grouped_gemm_op(dh1_fp8, dh1_s, w1T, w1_s.transpose(1, 2), offs, torch.float32)
-                  + grouped_gemm_op(dh3_fp8, dh3_s, w3T, w3_s.transpose(1, 2), offs, torch.float32))  # Dgrad (M, D)
-            dw1 = grouped_wgrad_op(dh1, None, x_fp8, x_s, offs, pow2, True, w_dtype)   # Wgrad (E, I, D): x re-tiled
-            dw3 = grouped_wgrad_op(dh3, None, x_fp8, x_s, offs, pow2, True, w_dtype)
+            dx = (grouped_gemm_op(dh1_fp8, dh1_s, w1T, w1_s.transpose(1, 2), offs, torch.float32, t)
+                  + grouped_gemm_op(dh3_fp8, dh3_s, w3T, w3_s.transpose(1, 2), offs, torch.float32, t))  # Dgrad (M, D)
+            dw1 = grouped_wgrad_op(dh1, None, x_fp8, x_s, offs, pow2, True, w_dtype, *tk)   # Wgrad (E, I, D): x re-tiled
+            dw3 = grouped_wgrad_op(dh3, None, x_fp8, x_s, offs, pow2, True, w_dtype, *tk)
         return dx.to(x_dtype), dw1, dw2, dw3, None, None, None, None
 
 

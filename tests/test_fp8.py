@@ -730,6 +730,32 @@ def test_triton_experts_read_no_counts_on_the_host(device, monkeypatch):
         _run(fp8.fp8_grouped_linear, x, w1, offs)
 
 
+@pytest.mark.parametrize("impl", ["loop"] + (["triton"] if DEVICES else []))
+def test_fp8_experts_build_their_tables_once(impl, monkeypatch):
+    """fp8_experts builds its tile tables once per layer, not once per GEMM: the row tiles in the
+    forward for the six row GEMMs (Triton path only), the Wgrad token tiles in the backward for the
+    three Wgrads; the result is the same as with tables built inside each op."""
+    device = DEVICES[0] if impl == "triton" else "cpu"
+    x, w1, w2, w3, offs = (t.to(device) for t in _experts_case([3, 200, 0, 64], uncovered=45))
+    dy = torch.randn_like(x)
+    fp8.quant_impl = "torch" if device == "cpu" else "triton"
+    fp8.grouped_impl = impl
+    calls = collections.Counter()
+    build = fp8._group_tiles
+
+    def counted(offs, M, block=fp8.BLOCK, tail=False):
+        calls["rows" if tail else "wgrad"] += 1
+        return build(offs, M, block, tail)
+    monkeypatch.setattr(fp8, "_group_tiles", counted)
+    got = _run_experts(x, w1, w2, w3, offs, dy)
+    assert calls == ({"rows": 1, "wgrad": 1} if impl == "triton" else {"wgrad": 1})
+    ops = torch.ops.fp8
+    monkeypatch.setattr(fp8, "grouped_gemm_op", lambda *a: ops.grouped_gemm(*a[:6]))      # the tables not handed in:
+    monkeypatch.setattr(fp8, "grouped_wgrad_op", lambda *a: ops.grouped_wgrad(*a[:8]))    # each op builds its own
+    for g, r in zip(got, _run_experts(x, w1, w2, w3, offs, dy)):
+        assert torch.equal(g, r)
+
+
 @cuda_only
 def test_fp8_experts_make_no_host_sync_on_the_gpu():
     """With torch.cuda.set_sync_debug_mode("error") any synchronizing CUDA call raises: fp8_experts
