@@ -2,7 +2,7 @@
 cuBLAS's blockwise _scaled_mm) against it: on the GPU when CUDA is there, and on the CPU through
 the Triton interpreter when run as `TRITON_INTERPRET=1 python -m pytest tests/test_fp8.py`
 (with Triton installed; Triton 3.6's interpreter needs numpy < 2.4: with 2.4 the kernels' loops
-over loaded bounds fail with "only 0-dimensional arrays can be converted to Python scalars").
+over loaded bounds fail with "only 0-dimensional arrays can be converted ...").
 Inputs are drawn fresh each run (no fixed seed); tolerances are stated where they are used.
 The torch.compile tests trace FP8 blocks whole (the custom ops of fp8.py section 4)."""
 
