@@ -12,10 +12,11 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
                             activation recomputation (3.2.3): peak GPU memory and step time of
                             forward+backward with recompute off and on, and whether the gradients agree
     python bench.py step [--preset=small --batch_size=16 --seq_len=2048 --fp8=0 --compile=1 --recompute=0 --graphs=0
-                          --clip=0]
+                          --clip=0 --route=torch]
                             one training step (forward, backward, optimizer), BF16 or with FP8
                             GEMMs, compiled (model and AdamW) or eager (--graphs=1: replayed as CUDA
-                            graphs; --clip=1: with train.py's gradient clipping): the first step's
+                            graphs; --clip=1: with train.py's gradient clipping; --route=triton: the
+                            fused router kernel, moe.route_impl): the first step's
                             time (compilation), torch.compile's graphs and graph breaks, the step's
                             time and MFU, then where the time goes under the profiler: GPU busy time
                             against wall time, kernel time by kind, the top kernels
@@ -288,7 +289,8 @@ def bench_memory(preset="small", batch_size=4, seq_len=2048, compile=0):
           f"at {results[True][1] / results[False][1] - 1:+.1%} time; largest relative gradient difference {rel:.2e}")
 
 
-def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, recompute=0, graphs=0, clip=0):
+def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, recompute=0, graphs=0, clip=0,
+               route="torch"):
     """A training step under the profiler: the CUDA kernels that take the time. Compiled, it also
     reports the first step's time (compilation and autotuning) and the graphs and graph breaks
     torch.compile made (an FP8 model should be one graph: fp8.py's steps are custom ops).
@@ -296,12 +298,18 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
     backward as CUDA graphs (the BF16 step's shapes are static: the experts' row counts stay on
     the GPU), to see what the host's share of the step is. clip=1: with train.py's gradient clipping
     (the norm, and its factor applied inside AdamW's update), so that the step is train.py's step
-    and what train.py logs beyond it is the loop's own cost."""
+    and what train.py logs beyond it is the loop's own cost. route: moe.route_impl, "torch" (three
+    torch.topk calls per layer) or "triton" (the fused router kernel)."""
     import model
+    import moe
     import train
+    if route not in ("torch", "triton"):
+        raise SystemExit(f"bench.py step: route={route!r}; choose torch or triton")
+    moe.route_impl = route
     _header(f"step: {preset}, batch {batch_size} x {seq_len}, bf16 autocast{', fp8' if fp8 else ''}"
             f"{', recompute' if recompute else ''}, {'compiled' if compile else 'eager'}"
-            f"{', CUDA graphs' if graphs and compile else ''}{', gradient clipping' if clip else ''}")
+            f"{', CUDA graphs' if graphs and compile else ''}{', gradient clipping' if clip else ''}"
+            f"{', fused router' if route == 'triton' else ''}")
     m, x, y = _model_batch(preset, batch_size, seq_len, fp8=bool(fp8), recompute=bool(recompute))
     opt = train.AdamW([p for p in m.parameters()], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                       compiled=bool(compile))

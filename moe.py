@@ -50,6 +50,10 @@ import fp8
 
 # Routed experts: "grouped" runs one torch._grouped_mm per weight; "loop" is its plain twin.
 expert_impl = "grouped"
+# The router's choice (Gate.route): "torch" is three torch.topk calls (top-2 in each group, the best
+# groups, the top K_r experts); "triton" is one fused kernel per layer (route_topk below; on the CPU
+# under TRITON_INTERPRET=1), held equal to "torch" by the tests, not yet the default: untimed on a GPU.
+route_impl = "torch"
 
 # -----------------------------------------------------------------------------
 # Selective activation recomputation (3.2.3): inside a region only the outputs of the ops named in
@@ -112,8 +116,8 @@ class Gate(nn.Module):
             dtype = torch.promote_types(h.dtype, torch.float32)
             return torch.sigmoid(F.linear(h.to(dtype), self.weight.to(dtype)))  # (N, E)
 
-    def route(self, s):
-        """Top-K_r experts by s + b within the best groups; gates from the unbiased s."""
+    def choose(self, s):
+        """The experts of eq. 16 with node-limited routing: top-K_r by s + b within the best groups."""
         N, E = s.shape
         biased = s + self.bias  # (N, E)
         if self.n_groups > 1:
@@ -125,6 +129,14 @@ class Gate(nn.Module):
             dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, kept, False)
             biased = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(N, E)
         idx = biased.topk(self.topk, dim=-1).indices  # (N, K)
+        return idx
+
+    def route(self, s):
+        """Top-K_r experts by s + b within the best groups; gates from the unbiased s."""
+        if route_impl == "triton" and _route_fits(s, self.n_groups):
+            idx = route_topk_op(s.detach(), self.bias, self.n_groups, self.topk_groups, self.topk)  # (N, K), one kernel
+        else:
+            idx = self.choose(s)
         g = s.gather(1, idx)  # (N, K): unbiased affinities of the chosen experts
         g = g / g.sum(-1, keepdim=True) * self.route_scale
         return idx, g
@@ -133,6 +145,66 @@ class Gate(nn.Module):
         s = self.affinities(h)
         idx, g = self.route(s)
         return s, idx, g
+
+
+# The router's choice as one kernel: a program takes BLOCK_N tokens' rows of E affinities, adds the
+# bias, scores each group by its two best, keeps the best TOPK_G groups and picks the top K experts
+# among them, one argmax at a time (K is 6-8: selection beats sorting). The same sums and
+# comparisons as Gate.choose, so the same experts; E and the groups must be powers of two
+# (Triton's shapes), else Gate.route falls back to Gate.choose.
+
+def _route_fits(s, n_groups):
+    E = s.shape[-1]
+    pow2 = lambda n: n & (n - 1) == 0  # noqa: E731
+    return fp8.HAS_TRITON and (s.is_cuda or fp8.INTERPRET) and pow2(E) and pow2(n_groups)
+
+
+if fp8.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _route_topk_kernel(s_ptr, bias_ptr, idx_ptr, N, stride_s, E: tl.constexpr, G: tl.constexpr,
+                           TOPK_G: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, E)
+        live = rows < N
+        x = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=live[:, None], other=0.0)
+        x = x + tl.load(bias_ptr + cols)[None, :]                              # s + b, (BLOCK_N, E)
+        if G > 1:
+            xg = tl.reshape(x, (BLOCK_N, G, E // G))                           # (BLOCK_N, G, E/G)
+            best = tl.argmax(xg, axis=2)
+            j = tl.arange(0, E // G)
+            second = tl.max(tl.where(j[None, None, :] == best[:, :, None], float("-inf"), xg), axis=2)
+            score = tl.max(xg, axis=2) + second                                # a group's two best, (BLOCK_N, G)
+            gid = tl.arange(0, G)
+            keep = gid[None, :] < 0                                            # all False, (BLOCK_N, G)
+            for _ in tl.static_range(TOPK_G):
+                hit = gid[None, :] == tl.argmax(score, axis=1)[:, None]
+                keep = keep | hit
+                score = tl.where(hit, float("-inf"), score)
+            x = tl.reshape(tl.where(keep[:, :, None], xg, float("-inf")), (BLOCK_N, E))
+        for k in tl.static_range(K):                                          # the top K, best first
+            pick = tl.argmax(x, axis=1)                                        # (BLOCK_N,)
+            tl.store(idx_ptr + rows * K + k, pick.to(tl.int64), mask=live)
+            x = tl.where(cols[None, :] == pick[:, None], float("-inf"), x)
+
+
+@torch.library.custom_op("moe::route_topk", mutates_args=())
+def route_topk_op(s: torch.Tensor, bias: torch.Tensor, n_groups: int, topk_groups: int, k: int) -> torch.Tensor:
+    """Gate.choose in one kernel: s (N, E) FP32 affinities, bias (E,) -> idx (N, k) int64."""
+    s = s.contiguous()
+    N, E = s.shape
+    idx = torch.empty(N, k, dtype=torch.int64, device=s.device)
+    block = 32
+    _route_topk_kernel[(triton.cdiv(N, block),)](s, bias.float(), idx, N, s.stride(0), E=E, G=n_groups,
+                                                 TOPK_G=topk_groups, K=k, BLOCK_N=block)
+    return idx
+
+
+@route_topk_op.register_fake
+def _(s, bias, n_groups, topk_groups, k):
+    return s.new_empty(s.shape[0], k, dtype=torch.int64)
 
 
 def tokens_per_expert(idx, n_experts):
