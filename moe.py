@@ -19,6 +19,7 @@ Pieces, top to bottom:
     MLP             the SwiGLU expert (also the dense FFN of the first blocks, and the shared experts)
     Gate            the router: sigmoid affinities s, the bias b used only to choose, group (node)
                     limited selection, normalized gates g
+    route_topk_op   the router's choice as one Triton kernel (route_impl = "triton"), Gate.choose's twin
     LocalDispatcher moves each token to its K experts on this process (sort by expert) and back
     Experts         the routed experts' weights stacked as [E, out, in], one grouped GEMM each
     MoE             norm -> gate -> dispatch -> experts -> combine, plus shared experts
