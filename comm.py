@@ -1,7 +1,8 @@
 """
 Expert parallelism (DeepSeek-V3 report, arXiv 2412.19437): the process grid, the all-to-all token
 dispatcher (flat or node-hierarchical, BF16 or FP8), node-limited routing, overlap of the shared
-experts with the transfer, and the gradient reduction of an expert-parallel step.
+experts with the transfer, the gradient reduction of an expert-parallel step, and the global gradient
+norm of any layout.
 
 Where each idea of the paper lives
     Layout, Grid, init    the parallel layout of 3.2 ("64-way EP spanning 8 nodes", PP, ZeRO-1 DP),
@@ -18,7 +19,9 @@ Where each idea of the paper lives
                           dispatch (3.3.3), overlap with the shared experts (3.2.2)
     Traffic               bytes sent per link class (intra-node NVLink, inter-node IB)
     shard_experts         a single-process model -> this rank's expert-parallel model
-    reduce_gradients, clip_grad_norm_    the gradients of an expert-parallel step (below)
+    reduce_gradients      the gradients of an expert-parallel step (below)
+    grad_norm             the global gradient norm on any layout, each gradient counted once (below)
+    clip_coefficient      gradient clipping's factor, min(1, max_norm / (norm + 1e-6))
 
 The grid (picotron's idea: every group comes from one tensor of ranks)
 ======================================================================
@@ -103,6 +106,9 @@ loss, L = 1/dp sum_d L_d)
         every token of its ep group, sum_{d in ep group} dL_d/dtheta_e. Summing that over the edp
         group covers all dp ranks once, so dL/dtheta_e = (sum over edp) / dp.
     router loads (moe.update_bias): summed over the dp group (grid.sum_over_dp).
+    the global norm (grad_norm, for clipping): after the reduction the copies of a gradient are equal,
+        so each is counted on one rank only (train.ownership: dp rank 0 for dense tensors, edp rank 0
+        for an expert slice, Pipeline.owns for a pipeline's stages) and the squares summed over all.
 We reduce explicitly, one flat buffer per group and dtype, both all-reduces in flight together,
 after the last micro-batch, rather than through DDP: it behaves the same under gradient
 accumulation and under dualpipe.py's hand-driven backward (no hooks, no no_sync), and one flat
@@ -715,20 +721,24 @@ def reduce_gradients(model, grid):
         finish()
 
 
-def clip_grad_norm_(model, grid, max_norm):
-    """torch.nn.utils.clip_grad_norm_ over the whole (sharded) model, after reduce_gradients: the
-    dense part is the same on every rank of a stage, the expert part differs across the ep group,
-    and each pipeline stage holds its own layers. Returns the global norm."""
-    dense, routed = split_parameters(model)
-    sq = lambda ps: sum((p.grad.double().square().sum() for p in ps if p.grad is not None),  # noqa: E731
-                        torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device))
-    expert_sq = sq(routed)
-    grid.all_reduce(expert_sq, "ep")
-    total_sq = sq(dense) + expert_sq
-    grid.all_reduce(total_sq, "pp")
-    total = total_sq.sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in dense + routed:
-        if p.grad is not None:
-            p.grad.mul_(coef.to(p.grad.dtype))
-    return total
+# Home: beside reduce_gradients, a collective; moe.py/model.py stay off torch.distributed, dualpipe.py needs no norm.
+def grad_norm(model, owned=None):
+    """torch.nn.utils.clip_grad_norm_'s norm of the whole model on any layout, after reduce_gradients:
+    each parameter's gradient counted once, on the rank where owned(name) (train.ownership: one copy of
+    each dense tensor, expert slice and pipeline stage entry), the squares summed in float64 over every
+    rank. One process: owned=None, torch's fused norm in the gradients' dtype (no float64, no collective)."""
+    grads = [p.grad for n, p in model.named_parameters() if p.grad is not None and (owned is None or owned(n))]
+    if owned is None:
+        return torch.nn.utils.get_total_norm(grads)
+    device = next(model.parameters()).device
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]
+    total = torch.stack(norms).square().sum() if norms else torch.zeros((), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.sqrt()
+
+
+def clip_coefficient(total, max_norm):
+    """torch.nn.utils.clip_grad_norm_'s factor, min(1, max_norm / (norm + 1e-6)), in the norm's dtype and
+    on its device (no host sync): every gradient held here, copies too, is multiplied by it (train.py:
+    inside AdamW.step, as it reads them)."""
+    return (max_norm / (total + 1e-6)).clamp(max=1.0)

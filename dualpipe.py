@@ -1067,23 +1067,9 @@ class Pipeline:
 
     def owns(self, name):
         """Whether this rank owns Transformer entry `name`, each owned by one rank of the pipeline (for
-        checkpoints written once, and the gradient norm): rank r owns its stage r (direction 0), the
-        embedding only where that stage is the first."""
+        checkpoints written once, and comm.grad_norm's gradient norm): rank r owns its stage r (direction
+        0), the embedding only where that stage is the first."""
         return name in self._owned
-
-    @torch.no_grad()
-    def clip_grad_norm_(self, max_norm):
-        """torch.nn.utils.clip_grad_norm_ over the whole model: the global norm, every parameter counted
-        once, all-reduced over the pipeline; every gradient of the rank (copies too) scaled alike."""
-        grads = [p.grad for name, p in self.stages[0].named_parameters() if self.owns(name) and p.grad is not None]
-        norms = torch.stack([torch.linalg.vector_norm(g) for g in grads] or [torch.zeros((), device=self.device)])
-        total = norms.double().square().sum()
-        if self.num_ranks > 1:
-            dist.all_reduce(total, group=self.group)
-        total = total.sqrt().to(norms.dtype)
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_([p.grad for p in self.parameters() if p.grad is not None], coef)
-        return total
 
     # -- one optimizer step's forward and backward
 

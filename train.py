@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import checkpoint as checkpoint_lib
 import comm
+from comm import clip_coefficient, grad_norm
 import data as data_lib
 import dualpipe
 import model as model_lib
@@ -689,8 +690,9 @@ def build_model(c, args, grid, device):
 
 def ownership(model, modules, grid):
     """(owned(name), expert slices): which rank writes each tensor to a checkpoint and counts it in the
-    gradient norm, exactly one: of a pipeline's stage copies the one Pipeline.owns, of data-parallel
-    copies the first, of the copies of an expert slice the first of the ranks holding it (edp rank 0).
+    gradient norm (comm.grad_norm), exactly one: of a pipeline's stage copies the one Pipeline.owns, of
+    data-parallel copies the first, of the copies of an expert slice the first of the ranks holding it
+    (edp rank 0).
     slices: {name: (start, stop)} the rows of the stacked expert weights this rank holds."""
     slices = {n: (a, b) for m in modules for n, (a, b, _) in comm.expert_slices(m, grid).items()} \
         if grid.layout.ep > 1 else {}
@@ -702,25 +704,6 @@ def checkpoint_share(model, ema, optimizer, owned):
     """This rank's tensors of a checkpoint (checkpoint.py), under the single-process model's names."""
     everything = dict(model=model.state_dict(), ema=ema.state_dict(), **adam_moments(model, optimizer))
     return {kind: {n: t for n, t in named.items() if owned(n)} for kind, named in everything.items()}
-
-
-def grad_norm(model, owned=None):
-    """The gradient norm of the whole model on any layout: each parameter's gradient counted once
-    (on the rank that owns it), the squares summed over all ranks. One process: owned=None."""
-    grads = [p.grad for n, p in model.named_parameters() if p.grad is not None and (owned is None or owned(n))]
-    if owned is None:
-        return torch.nn.utils.get_total_norm(grads)
-    device = next(model.parameters()).device
-    norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]
-    total = torch.stack(norms).square().sum() if norms else torch.zeros((), dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.sqrt()
-
-
-def clip_coefficient(total, max_norm):
-    """torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6)), which AdamW.step
-    applies to every gradient held here (copies too) as it reads them."""
-    return (max_norm / (total + 1e-6)).clamp(max=1.0).float()
 
 
 def moe_layer_ids(args):
@@ -868,7 +851,8 @@ def main(argv=None):
         reduce_gradients()
         total_norm = norm()
         ema.before_optimizer_step()
-        optimizer.step(grad_scale=clip_coefficient(total_norm, c.grad_clip))  # clipped as it is read
+        # clipped as it is read; the factor in FP32, as AdamW's other scalars (several ranks' norm is float64)
+        optimizer.step(grad_scale=clip_coefficient(total_norm, c.grad_clip).float())
         optimizer.zero_grad(set_to_none=True)
         update_bias(model.moe_layers(), gamma, all_reduce)  # after the step, from this step's loads
         if (step + 1) % c.ema_interval == 0:

@@ -18,6 +18,7 @@ import comm
 import fp8
 import model
 import moe
+import train
 
 D = 128  # FP8 tiles need whole 128-wide rows
 
@@ -142,8 +143,15 @@ def step_case(name, layout):
         biases = {n: b.clone().cpu() for n, b in m.named_buffers() if n.endswith("gate.bias")}
         return dict(grads=grads, biases=biases, norm=float(norm), loss=float(losses["loss"]))
 
-    out = step(net, batches[RANK], lambda: comm.reduce_gradients(net, grid),
-               lambda: comm.clip_grad_norm_(net, grid, 1e-3), grid.sum_over_dp)
+    owned, _ = train.ownership(net, [net], grid)  # each gradient counted on one rank, as train.py counts it
+
+    def clip():  # train.py's clipping, its factor applied to the gradients here rather than inside AdamW
+        total = comm.grad_norm(net, owned)
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, comm.clip_coefficient(total, 1e-3))
+        return total
+
+    out = step(net, batches[RANK], lambda: comm.reduce_gradients(net, grid), clip, grid.sum_over_dp)
     out["slices"] = comm.expert_slices(net, grid)
     gathered = [None] * WORLD if RANK == 0 else None
     dist.gather_object(out, gathered, dst=0)

@@ -62,6 +62,16 @@ def finish(m, names, moe_layers, clip, all_reduce=None):
     return dict(grads=grads, norm=norm, clipped=clipped, loads=loads, biases=biases)
 
 
+def clip_pipeline(pipe):
+    """train.py's clipping over the pipeline: the global norm, each gradient counted on the rank that
+    Pipeline.owns it, and every gradient held here (copies too) times the factor, applied here rather
+    than inside AdamW. The norm in the gradients' dtype, as torch.nn.utils.clip_grad_norm_ returns it."""
+    total = comm.grad_norm(pipe, pipe.owns)
+    grads = [p.grad for p in pipe.parameters() if p.grad is not None]
+    torch._foreach_mul_(grads, comm.clip_coefficient(total, MAX_NORM))
+    return total.to(dtype)
+
+
 def make_pipeline(args, schedule, overlap, group=None):
     pipe = dualpipe.Pipeline(args, schedule, group=group, device=device, dtype=dtype, seed=seed, overlap=overlap)
     pipe.load_state_dict(reference.state_dict())
@@ -73,7 +83,7 @@ def pipeline_step(args, schedule, overlap):
     losses = pipe.step(x if pipe.needs_data else x.shape, y if pipe.needs_data else None, C, lam=LAM)
     evaluated = pipe.evaluate(ex if pipe.needs_data else ex.shape, ey if pipe.needs_data else None, C_EVAL)
     stages = sorted(pipe.stages, key=lambda s: s.index)
-    r = finish(stages, list(pipe.named_parameters()), pipe.moe_layers(), lambda: pipe.clip_grad_norm_(MAX_NORM))
+    r = finish(stages, list(pipe.named_parameters()), pipe.moe_layers(), lambda: clip_pipeline(pipe))
     embeds = [s.embed for s in pipe.stages if hasattr(s, "embed")]
     return dict(r, losses={k: v.item() for k, v in losses.items()}, stages=[s.index for s in pipe.stages],
                 embeds=len(embeds), shared_embed=len(embeds) == 2 and embeds[0] is embeds[1],
