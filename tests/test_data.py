@@ -270,7 +270,13 @@ def test_prepare_split_has_no_leakage(tmp_path):
         assert head + tail == doc  # each document is cut in two, nothing shared, nothing lost
         assert 0 < len(tail) <= 0.1 * len(doc)  # cut at the first blank line after 90%
         assert tail not in train_text
-        assert head.endswith("\n\n")  # val starts at a paragraph
+        # val starts at the first paragraph after the 90% point; a document with no blank line there
+        # (0.8^30 per document here: one corpus in about 200) is cut at the next line break instead
+        blank = doc.find("\n\n", int(len(doc) * 0.9))
+        if blank != -1 and blank + 2 < len(doc):
+            assert len(head) == blank + 2
+        else:
+            assert head.endswith("\n")
 
 
 def test_prepare_is_cached(tmp_path):
