@@ -179,7 +179,7 @@ if fp8.HAS_TRITON:
             second = tl.max(tl.where(j[None, None, :] == best[:, :, None], float("-inf"), xg), axis=2)
             score = tl.max(xg, axis=2) + second                                # a group's two best, (BLOCK_N, G)
             gid = tl.arange(0, G)
-            keep = gid[None, :] < 0                                            # all False, (BLOCK_N, G)
+            keep = tl.zeros((BLOCK_N, G), dtype=tl.int1)                       # the kept groups
             for _ in tl.static_range(TOPK_G):
                 hit = gid[None, :] == tl.argmax(score, axis=1)[:, None]
                 keep = keep | hit
