@@ -106,11 +106,11 @@ nccl_channels = 0           # cap on NCCL's channels (one thread block, i.e. one
 # system
 device = "auto"             # auto | cpu | cuda | cuda:N
 dtype = "auto"              # auto (bfloat16 autocast on the GPU, float32 on the CPU) | float32 | bfloat16
-compile = "auto"            # auto (on CUDA) | true | false
+compile = "auto"            # auto (on CUDA) | true | false | graphs (compiled, replayed as CUDA graphs: one GPU)
 seed = 1337                 # weights and data order
 
 SETTINGS = {k: v for k, v in list(globals().items()) if not k.startswith("_") and type(v) in (int, float, bool, str)}
-CHOICES = dict(compile=("auto", "true", "false"), dtype=("auto", "bfloat16", "float32"),
+CHOICES = dict(compile=("auto", "true", "false", "graphs"), dtype=("auto", "bfloat16", "float32"),
                moments_dtype=("bfloat16", "float32"), dispatch=("flat", "hierarchical"), pipeline=("dualpipe", "1f1b"),
                balance=("bias", "aux", "none"))  # balance: a ModelArgs field (moe.py), checked here too
 ALIASES = dict(micro_batches="grad_accum")  # the pipeline's name for the micro-batches of a step
@@ -736,6 +736,9 @@ def main(argv=None):
     c, args, ckpt = configure(sys.argv[1:] if argv is None else argv)
     grid, device = compute_init(c, args)
     world, dp = grid.layout.world, grid.layout.dp
+    if c.compile == "graphs" and (device.type != "cuda" or world > 1 or c.grad_accum > 1):
+        raise SystemExit(f"--compile=graphs (CUDA graphs) runs one process on a GPU with grad_accum=1; this run "
+                         f"has device {device.type}, {world} process(es), grad_accum={c.grad_accum}: use --compile=true")
     master = grid.rank == 0
     torch.manual_seed(c.seed)
     use_bf16 = c.dtype == "bfloat16" or (c.dtype == "auto" and device.type == "cuda")
@@ -751,7 +754,7 @@ def main(argv=None):
 
     model, modules = build_model(c, args, grid, device)
     owned, slices = ownership(model, modules, grid)
-    compile_optimizer = c.compile == "true" or (c.compile == "auto" and device.type == "cuda")
+    compile_optimizer = c.compile in ("true", "graphs") or (c.compile == "auto" and device.type == "cuda")
     optimizer = make_optimizer(model, c, compiled=compile_optimizer)
     moe_ids = moe_layer_ids(args)  # every MoE layer of the whole model, in the log's order
     start = 0
@@ -784,7 +787,13 @@ def main(argv=None):
     # FP8 too: fp8.py's steps are custom ops, so an FP8 model compiles as one graph (`small`: first step
     # 110 s, then 324 ms per step against 383 ms eager on the same batch, H200; README, FP8).
     compiled = compile_optimizer and c.pp == 1
-    train_model = torch.compile(model) if compiled else model
+    # compile=graphs: torch.compile's "reduce-overhead" mode replays forward and backward as CUDA graphs
+    # (the shapes are static: the experts' row counts stay on the GPU), so the host no longer paces the
+    # GPU (bench.py step --graphs=1: 73.1 against 87.3 ms on `small`, README). A replay overwrites the
+    # last one's outputs: each step is marked, and the losses are copied out before the next one.
+    graphs = c.compile == "graphs"
+    train_model = torch.compile(model, mode="reduce-overhead" if graphs else None) if compiled else model
+    new_replay = torch.compiler.cudagraph_mark_step_begin if graphs else (lambda: None)
     # Gradients: averaged over the data-parallel ranks after the last micro-batch, the experts' over
     # the ranks holding copies of them (comm.py says why not DDP); loads summed before the bias update.
     reduce_gradients = (lambda: comm.reduce_gradients(nn.ModuleList(modules), grid)) if dp > 1 else (lambda: None)
@@ -815,6 +824,7 @@ def main(argv=None):
         losses = torch.zeros(len(LOSS_NAMES), device=device)
         for micro in range(c.grad_accum):
             x, y = (to_device(t, device) for t in train_loader.next_batch())
+            new_replay()
             with autocast:
                 # lambda as a tensor: torch.compile traces it instead of recompiling when the schedule moves it
                 _, parts = train_model(x, y, lam=to_device(torch.tensor(lam), device))

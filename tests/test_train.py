@@ -192,8 +192,11 @@ def test_bad_settings_name_the_key():
         train.main(["--batchsize=3"])
     with pytest.raises(SystemExit, match="--max_iters=ten: expected a int"):
         train.main(["--max_iters=ten"])
-    with pytest.raises(SystemExit, match="--compile=maybe: expected one of auto, true, false"):
+    with pytest.raises(SystemExit, match="--compile=maybe: expected one of auto, true, false, graphs"):
         train.main(["--compile=maybe"])
+    with pytest.raises(SystemExit, match=r"--compile=graphs \(CUDA graphs\) runs one process on a GPU with "
+                       r"grad_accum=1; this run has device cpu, 1 process\(es\), grad_accum=2: use --compile=true"):
+        train.main(["--compile=graphs", "--device=cpu", "--grad_accum=2", "--out_dir=/nonexistent/never/created"])
     with pytest.raises(SystemExit, match="--n_heads=two: expected a int"):
         train.main(["--n_heads=two"])
     with pytest.raises(SystemExit, match="unknown preset 'huge'"):
