@@ -948,6 +948,8 @@ if __name__ == "__main__":
     for a in sys.argv[2:]:
         key, _, value = a.removeprefix("--").partition("=")
         kwargs["profile_dir" if key == "profile" else key] = int(value) if value.isdigit() else value
+    if kwargs.get("route", "torch") not in ("torch", "triton"):  # before the GPU check: a typo is named first
+        sys.exit(f"bench.py {what}: --route={kwargs['route']}; choose torch or triton")
     if what in GPU_ONLY and not torch.cuda.is_available():
         sys.exit(f"bench.py {what} measures GPU memory and kernels: it needs CUDA, which this machine does not "
                  f"have (bench.py fp8 runs its emulation part on the CPU)")

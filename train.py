@@ -749,6 +749,9 @@ def main(argv=None):
     if c.warmup_iters >= c.max_iters:
         print0(f"note: warmup_iters={c.warmup_iters} is not shorter than max_iters={c.max_iters}: the learning "
                f"rate climbs for the whole run and never reaches lr={c.lr:g}")
+    if c.ema_interval > c.max_iters:
+        print0(f"note: ema_interval={c.ema_interval} is longer than max_iters={c.max_iters}: the EMA is never "
+               f"updated, so its validation loss is that of the initial weights")
     info, args, train_loader, val_loader = prepare_data(c, args, grid.dp_rank, dp, ckpt is None)
     ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
 

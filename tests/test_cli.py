@@ -78,6 +78,7 @@ def test_clamps_say_what_they_did(tmp_path, corpus, capsys):
     assert re.search(r"step 2: main loss \d\.\d{4} \(total \d", out)  # the main loss leads, not the total
     assert "--seq_len=40 is longer than the preset's max_seq_len=32; max_seq_len raised to 40" in out
     assert "warmup_iters=3 is not shorter than max_iters=2" in out
+    assert "ema_interval=10 is longer than max_iters=2: the EMA is never updated" in out
     sample.main([f"--ckpt={tmp_path}", "--prompt=KING:", "--max_new_tokens=100", "--device=cpu"])
     err = capsys.readouterr().err
     prompt_tokens = len(data.load_tokenizer(str(tmp_path / "tokenizer.tiktoken")).encode("KING:"))
