@@ -300,12 +300,11 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
     (the norm, and its factor applied inside AdamW's update), so that the step is train.py's step
     and what train.py logs beyond it is the loop's own cost. route: moe.route_impl, "torch" (three
     torch.topk calls per layer) or "triton" (the fused router kernel)."""
+    import comm
     import model
     import moe
     import train
-    if route not in ("torch", "triton"):
-        raise SystemExit(f"bench.py step: route={route!r}; choose torch or triton")
-    moe.route_impl = route
+    moe.route_impl = route  # Gate.route refuses a value it does not know
     _header(f"step: {preset}, batch {batch_size} x {seq_len}, bf16 autocast{', fp8' if fp8 else ''}"
             f"{', recompute' if recompute else ''}, {'compiled' if compile else 'eager'}"
             f"{', CUDA graphs' if graphs and compile else ''}{', gradient clipping' if clip else ''}"
@@ -321,7 +320,7 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, losses = cm(x, y)
         losses["loss"].backward()
-        opt.step(grad_scale=train.clip_coefficient(train.grad_norm(m), 1.0) if clip else None)
+        opt.step(grad_scale=comm.clip_coefficient(comm.grad_norm(m), 1.0) if clip else None)
         opt.zero_grad(set_to_none=True)
     from torch._dynamo.utils import counters
     counters.clear()
@@ -948,8 +947,9 @@ if __name__ == "__main__":
     for a in sys.argv[2:]:
         key, _, value = a.removeprefix("--").partition("=")
         kwargs["profile_dir" if key == "profile" else key] = int(value) if value.isdigit() else value
-    if kwargs.get("route", "torch") not in ("torch", "triton"):  # before the GPU check: a typo is named first
-        sys.exit(f"bench.py {what}: --route={kwargs['route']}; choose torch or triton")
+    import moe
+    if kwargs.get("route", "torch") not in moe.ROUTE_IMPLS:  # before the GPU check: a typo is named first
+        sys.exit(f"bench.py {what}: --route={kwargs['route']}; choose one of {', '.join(moe.ROUTE_IMPLS)}")
     if what in GPU_ONLY and not torch.cuda.is_available():
         sys.exit(f"bench.py {what} measures GPU memory and kernels: it needs CUDA, which this machine does not "
                  f"have (bench.py fp8 runs its emulation part on the CPU)")

@@ -101,7 +101,8 @@ no graph break inside a block, and traces the Functions' backward too. The data-
 stays on the device: the grouped GEMMs take the experts' row ends (offs) as a device tensor and
 build their tile tables from it there, over a bound that depends on the shapes alone (M tokens,
 E experts), so every output shape and launch grid is fixed and nothing waits for the counts on the
-host: the grouped ops no longer stand in the way of CUDA graphs (not yet tried on the GPU).
+host: the grouped ops do not stand in the way of CUDA graphs (`bench.py step --fp8=1 --graphs=1`
+replays the FP8 `small` step as CUDA graphs, 95% GPU busy on the H200; README, FP8).
 Selective recomputation (moe.recompute, keep=moe.MATMULS) keeps the FP8 GEMM outputs as it keeps
 BF16 ones: MATMULS lists FPROP_OPS.
 

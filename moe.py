@@ -55,6 +55,7 @@ expert_impl = "grouped"
 # groups, the top K_r experts); "triton" is one fused kernel per layer (route_topk below; on the CPU
 # under TRITON_INTERPRET=1), held equal to "torch" by the tests, not yet the default: untimed on a GPU.
 route_impl = "torch"
+ROUTE_IMPLS = ("torch", "triton")
 
 # -----------------------------------------------------------------------------
 # Selective activation recomputation (3.2.3): inside a region only the outputs of the ops named in
@@ -134,6 +135,8 @@ class Gate(nn.Module):
 
     def route(self, s):
         """Top-K_r experts by s + b within the best groups; gates from the unbiased s."""
+        if route_impl not in ROUTE_IMPLS:
+            raise ValueError(f"moe.route_impl={route_impl!r}: choose one of {', '.join(ROUTE_IMPLS)}")
         if route_impl == "triton" and _route_fits(s, self.n_groups):
             idx = route_topk_op(s.detach(), self.bias, self.n_groups, self.topk_groups, self.topk)  # (N, K), one kernel
         else:

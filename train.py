@@ -47,7 +47,6 @@ from tqdm import tqdm
 
 import checkpoint as checkpoint_lib
 import comm
-from comm import clip_coefficient, grad_norm
 import data as data_lib
 import dualpipe
 import model as model_lib
@@ -800,7 +799,7 @@ def main(argv=None):
     # Gradients: averaged over the data-parallel ranks after the last micro-batch, the experts' over
     # the ranks holding copies of them (comm.py says why not DDP); loads summed before the bias update.
     reduce_gradients = (lambda: comm.reduce_gradients(nn.ModuleList(modules), grid)) if dp > 1 else (lambda: None)
-    norm = lambda: grad_norm(model, owned if world > 1 else None)  # noqa: E731
+    norm = lambda: comm.grad_norm(model, owned if world > 1 else None)  # noqa: E731
     all_reduce = grid.sum_over_dp if dp > 1 else None
     flops_per_token = model_lib.flops_per_token(args, c.seq_len)
     tokens_per_step = c.batch_size * c.seq_len * c.grad_accum * dp
@@ -865,7 +864,7 @@ def main(argv=None):
         total_norm = norm()
         ema.before_optimizer_step()
         # clipped as it is read; the factor in FP32, as AdamW's other scalars (several ranks' norm is float64)
-        optimizer.step(grad_scale=clip_coefficient(total_norm, c.grad_clip).float())
+        optimizer.step(grad_scale=comm.clip_coefficient(total_norm, c.grad_clip).float())
         optimizer.zero_grad(set_to_none=True)
         update_bias(model.moe_layers(), gamma, all_reduce)  # after the step, from this step's loads
         if (step + 1) % c.ema_interval == 0:

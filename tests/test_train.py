@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoint
+import comm
 import sample
 import train
 
@@ -222,10 +223,10 @@ def test_adamw_with_fp32_moments_is_torch_adamw():
         g = [torch.randn_like(p) * (3.0 if step % 2 else 0.1) for p in w]  # every other step above the clip
         for p, q, gi in zip(w, ref, g):
             p.grad, q.grad = gi.clone(), gi.clone()
-        norm = train.grad_norm(net)
+        norm = comm.grad_norm(net)
         torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(copy.parameters(), 2.0))
         clipped += norm.item() > 2.0
-        ours.step(grad_scale=train.clip_coefficient(norm, 2.0))
+        ours.step(grad_scale=comm.clip_coefficient(norm, 2.0))
         theirs.step()
     assert clipped == 3
     for p, q in zip(w, ref):
