@@ -12,11 +12,11 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
                             activation recomputation (3.2.3): peak GPU memory and step time of
                             forward+backward with recompute off and on, and whether the gradients agree
     python bench.py step [--preset=small --batch_size=16 --seq_len=2048 --fp8=0 --compile=1 --recompute=0 --graphs=0
-                          --clip=0 --route=torch]
+                          --clip=0 --route=auto]
                             one training step (forward, backward, optimizer), BF16 or with FP8
                             GEMMs, compiled (model and AdamW) or eager (--graphs=1: replayed as CUDA
-                            graphs; --clip=1: with train.py's gradient clipping; --route=triton: the
-                            fused router kernel, moe.route_impl): the first step's
+                            graphs; --clip=1: with train.py's gradient clipping; --route=torch: the
+                            router's three torch.topk calls, not its kernel, moe.route_impl): the first step's
                             time (compilation), torch.compile's graphs and graph breaks, the step's
                             time and MFU, then where the time goes under the profiler: GPU busy time
                             against wall time, kernel time by kind, the top kernels
@@ -290,7 +290,7 @@ def bench_memory(preset="small", batch_size=4, seq_len=2048, compile=0):
 
 
 def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, recompute=0, graphs=0, clip=0,
-               route="torch"):
+               route="auto"):
     """A training step under the profiler: the CUDA kernels that take the time. Compiled, it also
     reports the first step's time (compilation and autotuning) and the graphs and graph breaks
     torch.compile made (an FP8 model should be one graph: fp8.py's steps are custom ops).
@@ -298,8 +298,8 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
     backward as CUDA graphs (the BF16 step's shapes are static: the experts' row counts stay on
     the GPU), to see what the host's share of the step is. clip=1: with train.py's gradient clipping
     (the norm, and its factor applied inside AdamW's update), so that the step is train.py's step
-    and what train.py logs beyond it is the loop's own cost. route: moe.route_impl, "torch" (three
-    torch.topk calls per layer) or "triton" (the fused router kernel)."""
+    and what train.py logs beyond it is the loop's own cost. route: moe.route_impl, "auto" (the fused
+    router kernel on a GPU), "torch" (three torch.topk calls per layer) or "triton" (the kernel)."""
     import comm
     import model
     import moe
@@ -308,7 +308,7 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
     _header(f"step: {preset}, batch {batch_size} x {seq_len}, bf16 autocast{', fp8' if fp8 else ''}"
             f"{', recompute' if recompute else ''}, {'compiled' if compile else 'eager'}"
             f"{', CUDA graphs' if graphs and compile else ''}{', gradient clipping' if clip else ''}"
-            f"{', fused router' if route == 'triton' else ''}")
+            f"{', torch.topk router' if route == 'torch' else ''}")
     m, x, y = _model_batch(preset, batch_size, seq_len, fp8=bool(fp8), recompute=bool(recompute))
     opt = train.AdamW([p for p in m.parameters()], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                       compiled=bool(compile))
@@ -345,7 +345,8 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
     tokens = batch_size * seq_len
     flops = model.flops_per_token(m.args, seq_len) * tokens
     print(f"{ms:.1f} ms/step, {tokens / ms * 1e3:,.0f} tokens/s, {flops / ms / 1e9:.0f} TFLOP/s, "
-          f"MFU {flops / ms * 1e3 / 989e12:.1%} (of 989 TFLOP/s dense BF16)")
+          f"MFU {flops / ms * 1e3 / 989e12:.1%} (of 989 TFLOP/s dense BF16), "
+          f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
     def clock():
         torch.cuda.synchronize()
         return time.perf_counter() * 1e3
@@ -948,7 +949,7 @@ if __name__ == "__main__":
         key, _, value = a.removeprefix("--").partition("=")
         kwargs["profile_dir" if key == "profile" else key] = int(value) if value.isdigit() else value
     import moe
-    if kwargs.get("route", "torch") not in moe.ROUTE_IMPLS:  # before the GPU check: a typo is named first
+    if kwargs.get("route", "auto") not in moe.ROUTE_IMPLS:  # before the GPU check: a typo is named first
         sys.exit(f"bench.py {what}: --route={kwargs['route']}; choose one of {', '.join(moe.ROUTE_IMPLS)}")
     if what in GPU_ONLY and not torch.cuda.is_available():
         sys.exit(f"bench.py {what} measures GPU memory and kernels: it needs CUDA, which this machine does not "

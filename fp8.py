@@ -825,9 +825,12 @@ def _group_tiles(offs, M, block=BLOCK, tail=False):
         ends = torch.cat([ends, ends.new_full((1,), M)])
     G = ends.shape[0]
     starts = F.pad(ends[:-1], (1, 0))                                   # (G,)
-    first = F.pad(_cdiv(ends - starts, block).cumsum(0), (1, 0))        # (G + 1,)
+    last = _cdiv(ends - starts, block).cumsum(0)                         # (G,) one past each group's last tile
+    first = F.pad(last, (1, 0))                                          # (G + 1,)
     j = torch.arange(_max_tiles(M, G, block), device=offs.device)      # (T,)
-    g = torch.searchsorted(first[1:], j, right=True)                    # tile j's group; G: past the last
+    # searched in `last`, not in the view first[1:]: torch 2.11's Inductor cannot lower searchsorted
+    # over a sliced, not yet materialized tensor (NotImplementedError: SliceView), seen on the H200
+    g = torch.searchsorted(last, j, right=True)                          # tile j's group; G: past the last
     real = g < G
     g_in = g.clamp(max=G - 1)
     row0 = starts[g_in] + (j - first[g_in]) * block

@@ -141,6 +141,15 @@ PRESETS = {
                   n_heads=8, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64,
                   v_head_dim=128, n_routed_experts=64, n_shared_experts=2, n_activated_experts=6,
                   n_expert_groups=8, n_limited_groups=4, route_scale=1.0, max_seq_len=2048),
+    # One GPU's share of V3 under expert parallelism (issue 11's FP8-against-BF16 preset): V3's widths
+    # (hidden 7168, its MLA ranks and 128 heads, expert width 2048) and its per-GPU expert shapes: V3's
+    # EP=32 leaves 8 of the 256 routed experts on a GPU, about 32k routed rows per step; the top-2 of
+    # 8 experts over batch 8 x 2048 gives the same rows. Four blocks (one dense) with FP32 master
+    # weights and AdamW states: about 2.4B parameters, 39 GB of state on one H200.
+    "v3-gpu": dict(vocab_size=8192, dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=4, n_dense_layers=1,
+                   n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                   v_head_dim=128, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
+                   n_expert_groups=1, n_limited_groups=1, route_scale=2.5, n_mtp=0, max_seq_len=4096),
     # The released shapes, for reference (config.json of each model on the Hugging Face hub).
     "v2-lite": dict(vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=27, n_dense_layers=1,
                     n_heads=16, q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,

@@ -549,7 +549,7 @@ def test_recompute_keeps_fp8_gemm_outputs():
 @pytest.mark.parametrize("layer", [0, 1], ids=["dense", "moe"])
 def test_fp8_block_compiles_whole_and_matches_eager(layer, recompute):
     """torch.compile(fullgraph=True) of an FP8 block: one graph, no break (the FP8 steps are custom
-    ops; the experts' tile tables are built from offs on the device, inside them), forward and
+    ops; the experts' tile tables are built from offs on the device, with torch ops), forward and
     backward traced through AOTAutograd. In FP32 the compiled block runs the same kernels in the same order as eager:
     the same numbers bit for bit. (Under BF16 autocast the traced attention backward rounds
     differently, 4e-3 in BF16 alone, and FP8 re-quantization spreads that to the percent level.)"""
