@@ -137,15 +137,20 @@ def bench_fp8(profile_dir=None):
     print(f"\n-- quantization GB/s (bytes read + written) against the copy's {copy_bw:.0f}")
     x = torch.randn(16384, 7168, device=dev, dtype=bf16)
     x8, xs = fp8.act_quant(x)
-    w = torch.randn(7168, 7168, device=dev)
-    n = x.numel()
-    cases = (("act_quant     1x128, BF16 in", lambda: fp8.act_quant(x), n * 3 + n // 32),
-             ("act_quant_t   128x1, BF16 in", lambda: fp8.act_quant_t(x), n * 3 + n // 32),
-             ("act_quant_t   128x1, FP8 cache in", lambda: fp8.act_quant_t(x8, xs), n * 2 + n // 16),
-             ("weight_quant  128x128, FP32 in", lambda: fp8.weight_quant(w), w.numel() * 5))
-    for name, f, nbytes in cases:
-        gbs = nbytes / ms(f) / 1e6
-        print(f"{name:<34} (16384x7168) {gbs:>6.0f} GB/s  {gbs / copy_bw:>5.0%} of copy")
+    w = torch.randn(7168, 18432, device=dev)                          # v3-gpu's dense W1 (N, K)
+    w8 = fp8.weight_quant(w)[0]
+    n, nw = x.numel(), w.numel()
+    cases = (("act_quant     1x128, BF16 in", "x 16384x7168", lambda: fp8.act_quant(x), n * 3 + n // 32),
+             ("act_quant_t   128x1, BF16 in", "x 16384x7168", lambda: fp8.act_quant_t(x), n * 3 + n // 32),
+             ("act_quant_t   128x1, FP8 cache in", "x 16384x7168", lambda: fp8.act_quant_t(x8, xs), n * 2 + n // 16),
+             ("weight_quant  128x128, FP32 in", "w 7168x18432", lambda: fp8.weight_quant(w), nw * 5),
+             ("weight_quant  and W^T (w read twice)", "w 7168x18432", lambda: fp8.weight_quant(w, transposed=True),
+              nw * 10),
+             ("torch's copy of W_fp8^T (before)", "w 7168x18432", lambda: w8.t().contiguous(), nw * 2))
+    for name, shape, f, nbytes in cases:
+        t = ms(f)
+        print(f"{name:<38} ({shape}) {nbytes / t / 1e6:>6.0f} GB/s  {nbytes / t / 1e6 / copy_bw:>5.0%} of copy, "
+              f"{t * 1e3:6.0f} us")
 
     print("\n-- FP8Linear forward+backward, d=7168 -> 7168, 16384 tokens, BF16 activations (ms)")
     M, d = 16384, 7168

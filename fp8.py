@@ -231,17 +231,22 @@ if HAS_TRITON:
         tl.store(s_ptr + offs_m * stride_sm + pid_k * stride_sk, s, mask=offs_m < M)
 
     @triton.jit
-    def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, stride_w, stride_y, stride_sn, stride_sk,
-                             BLOCK_K: tl.constexpr, POW2: tl.constexpr):
-        # one program: one 128x128 block
+    def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, NB, stride_we, stride_wn, stride_wk, stride_ye, stride_yn,
+                             stride_se, stride_sn, stride_sk, BLOCK_K: tl.constexpr, POW2: tl.constexpr,
+                             STORE_S: tl.constexpr):
+        # one program: one 128x128 block of matrix e = pid_n // NB (NB: row blocks per matrix). w is
+        # read through its strides, so a transposed view of it quantizes into its transpose: the
+        # same block, hence the same scale and the same bytes (fp8.weight_quant(transposed=True)).
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-        offs_n = pid_n * BLOCK_K + tl.arange(0, BLOCK_K)
+        e, nb = pid_n // NB, pid_n % NB
+        offs_n = nb * BLOCK_K + tl.arange(0, BLOCK_K)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_k[None, :]).to(tl.float32)
+        w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk).to(tl.float32)
         s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
         y = tl.clamp(tl.math.div_rn(w, s), -448.0, 448.0)
-        tl.store(y_ptr + offs_n[:, None] * stride_y + offs_k[None, :], y.to(y_ptr.dtype.element_ty))
-        tl.store(s_ptr + pid_n * stride_sn + pid_k * stride_sk, s)
+        tl.store(y_ptr + e * stride_ye + offs_n[:, None] * stride_yn + offs_k[None, :], y.to(y_ptr.dtype.element_ty))
+        if STORE_S:
+            tl.store(s_ptr + e * stride_se + nb * stride_sn + pid_k * stride_sk, s)
 
     @_tuned([triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in ((64, 4), (128, 8), (128, 4), (32, 4))],
             key=["stride_xm", "HAS_XS"])
@@ -312,20 +317,27 @@ def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8, transposed=Fals
     N, K = w.shape[-2:]
     _check_multiple(N, "weight rows (out_features)", block_size)
     _check_multiple(K, "weight columns (in_features)", block_size)
-    w2 = w.reshape(-1, K)
-    if w2.stride(-1) != 1:
-        w2 = w2.contiguous()
-    y = torch.empty(w2.shape, dtype=out_dtype, device=w.device)
-    s = torch.empty(w2.shape[0] // block_size, K // block_size, dtype=torch.float32, device=w.device)
-    grid = (w2.shape[0] // block_size, K // block_size)
-    _weight_quant_kernel[grid](w2, y, s, w2.stride(0), y.stride(0), s.stride(0), s.stride(1),
-                               BLOCK_K=block_size, POW2=pow2, num_warps=8)
+    w3 = w.reshape(-1, N, K)                                       # (E, N, K), a view for the weights we quantize
+    E = w3.shape[0]
+    y = torch.empty(E, N, K, dtype=out_dtype, device=w.device)
+    s = torch.empty(E, N // block_size, K // block_size, dtype=torch.float32, device=w.device)
+
+    def launch(src, dst, store_s):  # src (E, R, C), any strides -> dst (E, R, C) contiguous
+        R, C = src.shape[-2:]
+        _weight_quant_kernel[(E * (R // block_size), C // block_size)](
+            src, dst, s, R // block_size, *src.stride(), dst.stride(0), dst.stride(1), *s.stride(),
+            BLOCK_K=block_size, POW2=pow2, STORE_S=store_s, num_warps=8)
+    launch(w3, y, True)
+    if transposed:
+        # W^T for Dgrad: the same kernel reads w through its transposed strides and writes the same
+        # bytes transposed (its scales are s^T, not stored again). It replaces torch's copy of y's
+        # transpose (0.33 ms for 7168x18432 on the H200, 41 of them in a v3-gpu step; the kernel is
+        # not yet timed). A kernel that stored each tile twice, as y and y^T, wrote wrong bytes on
+        # the H200 with Triton 3.6 (right in the interpreter).
+        yT = torch.empty(E, K, N, dtype=out_dtype, device=w.device)
+        launch(w3.transpose(-2, -1), yT, False)
     y, s = y.view(w.shape), s.view(*w.shape[:-2], N // block_size, K // block_size)
-    if not transposed:
-        return y, s
-    # A torch copy (0.3 ms for 7168x7168 on the H200). Storing the tile a second time, transposed,
-    # from the kernel above wrote wrong bytes on the H200 with Triton 3.6 (right in the interpreter).
-    return y, s, y.transpose(-2, -1).contiguous()
+    return (y, s, yT.view(*w.shape[:-2], K, N)) if transposed else (y, s)
 
 
 def act_quant_t(x, x_s=None, block_size=BLOCK, pow2=False, out_dtype=FP8, tiles=None):

@@ -616,6 +616,7 @@ def test_triton_quant_matches_torch(device, pow2):
     for f, args, kw in ((fp8.act_quant, (x,), {}), (fp8.weight_quant, (w,), {}), (fp8.act_quant_t, (x,), {}),
                         (fp8.act_quant_t, fp8.act_quant_ref(x), {}), (fp8.act_quant_t, (x,), groups),
                         (fp8.act_quant_t, fp8.act_quant_ref(x), groups),
+                        (fp8.weight_quant, (w,), dict(transposed=True)),
                         (fp8.weight_quant, (experts,), dict(transposed=True))):
         fp8.quant_impl = "torch"
         ref = f(*args, pow2=pow2, **kw)
