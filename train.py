@@ -61,7 +61,7 @@ tokenizer = "bpe"           # "bpe" trains the project's byte-level BPE to the m
 cache_dir = "data"          # prepared token files, reused across runs
 val_fraction = 0.05         # the last part of every document, held out for validation
 # model
-preset = "nano"             # nano | small | v2-lite | v3 (model.PRESETS); any ModelArgs field overrides it
+preset = "nano"             # nano | small | v3-gpu | v2-lite | v3 (model.PRESETS); any ModelArgs field overrides it
 # batch
 batch_size = 8              # sequences per micro-batch per process
 seq_len = 256               # tokens per sequence (raises the preset's max_seq_len if longer)
@@ -669,6 +669,40 @@ def open_log(path, start, header):
     return open(path, "a")
 
 
+def available_memory(device):
+    """Bytes this process may still allocate on device: the GPU's free memory, or the host's
+    MemAvailable (Linux); None where that is unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(c, args, device):
+    """A one-process run stops with a clear message when its training state alone cannot fit, rather
+    than being killed by the out-of-memory killer mid-allocation: FP32 weights and gradients, AdamW's
+    two moments, and on the CPU the EMA copy too. Activations come on top and are not counted."""
+    n = model_lib.count_params(args)
+    params = n["total"] + n["mtp"]
+    moment = 2 if c.moments_dtype == "bfloat16" else 4
+    need = params * (4 + 4 + 2 * moment + (4 if device.type == "cpu" else 0))
+    free = available_memory(device)
+    if free is not None and need > free:
+        sizes = {name: model_lib.count_params(model_lib.preset(name)) for name in model_lib.PRESETS}
+        fits = [name for name, m in sizes.items() if (m["total"] + m["mtp"]) * (need / params) < free]
+        raise SystemExit(
+            f"--preset={c.preset}: {params / 1e9:.2f}B parameters need {need / 1e9:.1f} GB for weights, gradients "
+            f"and AdamW moments before any activation, and this {device.type} has {free / 1e9:.1f} GB free. "
+            f"Presets whose state fits: {', '.join(fits) or 'none'}; or spread the model over GPUs with "
+            f"torchrun and --ep / --pp (README, Scaling out)")
+
+
 def build_model(c, args, grid, device):
     """(model, modules): this rank's part of the model, the whole Transformer or its pipeline stages
     (dualpipe.Pipeline, which has the Transformer's parameter names); with --ep only this rank's routed
@@ -754,6 +788,8 @@ def main(argv=None):
     info, args, train_loader, val_loader = prepare_data(c, args, grid.dp_rank, dp, ckpt is None)
     ckpt_path = os.path.join(c.out_dir, "ckpt.pt")
 
+    if world == 1:
+        check_fits(c, args, device)
     model, modules = build_model(c, args, grid, device)
     owned, slices = ownership(model, modules, grid)
     compile_optimizer = c.compile in ("true", "graphs") or (c.compile == "auto" and device.type == "cuda")

@@ -206,6 +206,31 @@ def test_bad_settings_name_the_key():
         train.main(["--fp8=True", "--device=cpu", "--out_dir=/nonexistent/never/created"])
 
 
+def test_a_model_whose_state_cannot_fit_is_refused_up_front(tmp_path, corpus, monkeypatch):
+    """check_fits: FP32 weights and gradients, two AdamW moments and on the CPU the EMA copy, counted
+    from a model on the meta device; over the free memory the run stops with the numbers and the
+    presets that fit, before it writes anything; under it the run starts."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in train.model_lib.Transformer(train.model_lib.preset("small")).parameters())
+    c = train.SimpleNamespace(preset="small", moments_dtype="bfloat16")
+    for moments, per in (("bfloat16", 4 + 4 + 2 * 2 + 4), ("float32", 4 + 4 + 2 * 4 + 4)):
+        c.moments_dtype = moments
+        need = params * per
+        monkeypatch.setattr(train, "available_memory", lambda device: need - 1)
+        with pytest.raises(SystemExit, match=rf"--preset=small: {params / 1e9:.2f}B parameters need {need / 1e9:.1f} "
+                           rf"GB .* this cpu has {(need - 1) / 1e9:.1f} GB free\. Presets whose state fits: nano;"):
+            train.check_fits(c, train.model_lib.preset("small"), torch.device("cpu"))
+        monkeypatch.setattr(train, "available_memory", lambda device: need + 1)
+        train.check_fits(c, train.model_lib.preset("small"), torch.device("cpu"))  # fits: no exit
+    monkeypatch.setattr(train, "available_memory", lambda device: 10**6)  # 1 MB: not even TINY fits
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="GB for weights, gradients and AdamW moments .* Presets whose state fits: none"):
+        run(out, corpus, "--max_iters=2")
+    assert not out.exists()
+    monkeypatch.setattr(train, "available_memory", lambda device: None)  # unknown: no check
+    assert run(out, corpus, "--max_iters=2", "--eval_interval=2")[-1]["step"] == 2
+
+
 def test_adamw_with_fp32_moments_is_torch_adamw():
     """Our AdamW, its gradients clipped by the factor it applies as it reads them (train.py's
     step), against torch.optim.AdamW after torch.nn.utils.clip_grad_norm_."""
