@@ -1113,9 +1113,10 @@ def save_pretrained(model, path, dtype=torch.bfloat16, max_shard_bytes=5 * 10**9
 H800_BF16_FLOPS = 989.5e12   # dense BF16 tensor-core rate; the H800 has the H100 SXM's compute
 H800_FP8_FLOPS = 1979e12     # dense FP8
 V3_GPU_HOURS, V3_TOKENS = 2.664e6, 14.8e12  # pre-training only, as the report counts it
-# MFU of this project's BF16 `small` step on one H200 (same compute as the H800): README, Results,
-# `python bench.py step --preset=small --batch_size=16 --seq_len=1024`, 2026-12-01, commit d0440a1
-MEASURED_MFU = 0.215
+# MFU of this project's BF16 step at V3's per-GPU widths on one H200 (same compute as the H800), with
+# no communication, so an upper bound for a cluster: README, Results, `python bench.py step
+# --preset=v3-gpu --batch_size=8 --seq_len=2048`, 2026-12-02, commit 490bb94 (small's narrow GEMMs: 28.7%)
+MEASURED_MFU = 0.510
 
 
 def training_cost(args, tokens, mfu=MEASURED_MFU, seq_len=4096, gpu_hours=V3_GPU_HOURS):
@@ -1164,7 +1165,8 @@ def main(argv):
         print(f"the report's {V3_GPU_HOURS / 1e6:.3f}M H800 GPU-hours for {tokens:.4g} tokens mean a sustained MFU of "
               f"{cost['mfu_bf16']:.1%} of the dense BF16 rate ({H800_BF16_FLOPS / 1e12:g} TFLOP/s), "
               f"{cost['mfu_fp8']:.1%} of the FP8 rate ({H800_FP8_FLOPS / 1e12:g} TFLOP/s)")
-    source = " (this project's: bench.py step, small, one H200, README's Results)" if mfu == MEASURED_MFU else ""
+    source = " (this project's: bench.py step, v3-gpu, one H200, no communication; README's Results)" \
+        if mfu == MEASURED_MFU else ""
     hours = cost["gpu_hours_at_mfu"]
     print(f"at MFU {mfu:.1%} of BF16{source}: {hours:,.0f} H800 GPU-hours ({hours / 1e6:.3f}M)")
 
