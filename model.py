@@ -145,7 +145,7 @@ PRESETS = {
     # (hidden 7168, its MLA ranks and 128 heads, expert width 2048) and its per-GPU expert shapes: V3's
     # EP=32 leaves 8 of the 256 routed experts on a GPU, about 32k routed rows per step; the top-2 of
     # 8 experts over batch 8 x 2048 gives the same rows. Four blocks (one dense) with FP32 master
-    # weights and AdamW states: about 2.4B parameters, 39 GB of state on one H200.
+    # weights and AdamW states: 2.45B parameters, 39 GB of state on one H200.
     "v3-gpu": dict(vocab_size=8192, dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=4, n_dense_layers=1,
                    n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                    v_head_dim=128, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,

@@ -688,14 +688,14 @@ def check_fits(c, args, device):
     """A one-process run stops with a clear message when its training state alone cannot fit, rather
     than being killed by the out-of-memory killer mid-allocation: FP32 weights and gradients, AdamW's
     two moments, and on the CPU the EMA copy too. Activations come on top and are not counted."""
-    n = model_lib.count_params(args)
-    params = n["total"] + n["mtp"]
-    moment = 2 if c.moments_dtype == "bfloat16" else 4
-    need = params * (4 + 4 + 2 * moment + (4 if device.type == "cpu" else 0))
-    free = available_memory(device)
+    def n_params(a):
+        n = model_lib.count_params(a)
+        return n["total"] + n["mtp"]
+    per_param = 4 + 4 + 2 * (2 if c.moments_dtype == "bfloat16" else 4) + (4 if device.type == "cpu" else 0)
+    params = n_params(args)
+    need, free = params * per_param, available_memory(device)
     if free is not None and need > free:
-        sizes = {name: model_lib.count_params(model_lib.preset(name)) for name in model_lib.PRESETS}
-        fits = [name for name, m in sizes.items() if (m["total"] + m["mtp"]) * (need / params) < free]
+        fits = [name for name in model_lib.PRESETS if n_params(model_lib.preset(name)) * per_param < free]
         raise SystemExit(
             f"--preset={c.preset}: {params / 1e9:.2f}B parameters need {need / 1e9:.1f} GB for weights, gradients "
             f"and AdamW moments before any activation, and this {device.type} has {free / 1e9:.1f} GB free. "
