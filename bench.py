@@ -210,23 +210,53 @@ def bench_fp8(profile_dir=None):
             _profile(lambda: fp8.fp8_grouped_linear(x, w, offs).backward(dy), f"{profile_dir}/experts_{impl}.txt")
     fp8.grouped_impl = "auto"
     print(row)
+    _bench_grouped_kernels(ms, x.detach(), w.detach(), dy, offs)
     _bench_fp8_experts(ms, x, offs, E, K, N, profile_dir)
+
+
+def _config(kernel, block_m=None):
+    """The autotuned kernel's choice for the key it ran last, e.g. 64x128 w4 s4 (block_m: a fixed BLOCK_M)."""
+    cache = getattr(kernel, "cache", None)
+    if not cache:
+        return "?"
+    cfg = list(cache.values())[-1]
+    return f"{cfg.kwargs.get('BLOCK_M', block_m)}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def _bench_grouped_kernels(ms, x, w, dy, offs):
+    """The grouped GEMMs alone on the same rows: BF16 torch._grouped_mm against the FP8 kernels,
+    Fprop (rows grouped) and Wgrad (tokens grouped), operands already quantized."""
+    import fp8
+    (M, K), N = x.shape, w.shape[1]
+    flop = 2 * M * N * K
+    x8, xs = fp8.act_quant(x)
+    w8, ws = fp8.weight_quant(w)
+    rows = fp8.row_tiles(offs, M)
+    tiles, kblocks = fp8._group_tiles(offs, M)
+    dyT, dyTs = fp8.act_quant_t(dy, tiles=tiles)
+    xT, xTs = fp8.act_quant_t(x, tiles=tiles)
+    wT = w.transpose(-2, -1)
+    t = {"BF16 Fprop": ms(lambda: torch._grouped_mm(x, wT, offs=offs)),
+         "FP8 Fprop": ms(lambda: fp8.fp8_grouped_gemm_rows(x8, xs, w8, ws, offs, tiles=rows)),
+         "FP8 Wgrad": ms(lambda: fp8.fp8_grouped_gemm_k(dyT, dyTs, xT, xTs, kblocks))}
+    cfgs = {"FP8 Fprop": _config(fp8._fp8_gemm_rows_grouped_kernel, fp8.GROUPED_BLOCK_M),
+            "FP8 Wgrad": _config(fp8._fp8_gemm_k_grouped_kernel)}
+    print("   grouped GEMMs alone, TFLOP/s: " + " | ".join(
+        f"{k} {flop / v / 1e9:.0f}" + (f" ({cfgs[k]})" if k in cfgs else "") for k, v in t.items()))
 
 
 def _bench_fp8_experts(ms, x, offs, E, D, I, profile_dir=None):
     """The routed experts' whole SwiGLU, BF16 torch._grouped_mm against fp8.fp8_experts (x quantized
     once, w1 x and w3 x cached in FP8), eager and under torch.compile (the FP8 steps as custom ops;
     the first call's compile time is printed). Issue 11's target: FP8 1.3x faster than BF16."""
-    import torch.nn.functional as F
-
     import fp8
+    import moe
     print(f"\n-- routed experts' SwiGLU w2(silu(w1 x) * w3 x), forward+backward, {E} experts, {x.shape[0]} rows, "
           f"{D} -> {I} -> {D} (ms)")
     w1, w3 = (torch.randn(E, I, D, device=x.device, dtype=x.dtype, requires_grad=True) for _ in range(2))
     w2 = torch.randn(E, D, I, device=x.device, dtype=x.dtype, requires_grad=True)
     dy = torch.randn_like(x)
-    mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)  # noqa: E731
-    paths = {"BF16 grouped_mm": lambda x: mm(F.silu(mm(x, w1)) * mm(x, w3), w2),
+    paths = {"BF16 grouped_mm": lambda x: moe.grouped_swiglu(x, w1, w2, w3, offs),   # as moe.Experts runs it
              "FP8 triton": lambda x: fp8.fp8_experts(x, w1, w2, w3, offs),
              "FP8 loop": lambda x: fp8.fp8_experts(x, w1, w2, w3, offs)}
     times = {}

@@ -113,6 +113,7 @@ lets the unused ones return at once) or a loop over experts (the reference: it r
 the host); their dimensions must be multiples of 128 (FP8Linear pads its own).
 """
 
+import math
 import os
 from typing import Optional
 
@@ -309,35 +310,46 @@ def act_quant(x, block_size=BLOCK, pow2=False, out_dtype=FP8):
 
 def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8, transposed=False):
     """128x128 blocks: w (..., N, K) -> w_fp8 (..., N, K), s (..., N/128, K/128) in FP32.
-    transposed=True also returns w_fp8^T (..., K, N) contiguous, for Dgrad (its scales: s^T)."""
-    if not _use_triton(w, quant_impl):
-        y, s = weight_quant_ref(w, block_size, pow2)
+    transposed=True also returns w_fp8^T (..., K, N) contiguous, for Dgrad (its scales: s^T).
+    w may be a list of weights (..., N_i, K), alike but for N_i: they are quantized as their
+    concatenation along N (the routed experts' w1 and w3, one GEMM), which the kernel writes piece
+    by piece without a copy of w; every N_i is a multiple of 128, so no block holds two of them."""
+    ws = list(w) if isinstance(w, (list, tuple)) else [w]
+    if not _use_triton(ws[0], quant_impl):
+        y, s = weight_quant_ref(torch.cat(ws, -2) if len(ws) > 1 else ws[0], block_size, pow2)
         y = y.to(out_dtype) if out_dtype != FP8 else y
         return (y, s, y.transpose(-2, -1).contiguous()) if transposed else (y, s)
-    N, K = w.shape[-2:]
-    _check_multiple(N, "weight rows (out_features)", block_size)
+    lead, K = ws[0].shape[:-2], ws[0].shape[-1]
+    for wi in ws:
+        if wi.shape[:-2] != lead or wi.shape[-1] != K:
+            raise ValueError(f"fp8.weight_quant: weights {[tuple(t.shape) for t in ws]} differ in more than N")
+        _check_multiple(wi.shape[-2], "weight rows (out_features)", block_size)
     _check_multiple(K, "weight columns (in_features)", block_size)
-    w3 = w.reshape(-1, N, K)                                       # (E, N, K), a view for the weights we quantize
-    E = w3.shape[0]
-    y = torch.empty(E, N, K, dtype=out_dtype, device=w.device)
-    s = torch.empty(E, N // block_size, K // block_size, dtype=torch.float32, device=w.device)
+    N, E = sum(wi.shape[-2] for wi in ws), math.prod(lead)
+    y = torch.empty(E, N, K, dtype=out_dtype, device=ws[0].device)
+    s = torch.empty(E, N // block_size, K // block_size, dtype=torch.float32, device=y.device)
+    # W^T for Dgrad: the same kernel reads w through its transposed strides and writes the same
+    # bytes transposed (its scales are s^T, not stored again). It replaces torch's copy of y's
+    # transpose: 801 us against 213 us for 7168x18432 on the H200 (bench.py fp8). A kernel that
+    # stored each tile twice, as y and y^T, wrote wrong bytes on the H200 with Triton 3.6.
+    yT = torch.empty(E, K, N, dtype=out_dtype, device=y.device) if transposed else None
 
-    def launch(src, dst, store_s):  # src (E, R, C), any strides -> dst (E, R, C) contiguous
+    def launch(src, dst, dst_s, store_s):  # src (E, R, C), any strides -> dst (E, R, C), rows of stride(1)
         R, C = src.shape[-2:]
         _weight_quant_kernel[(E * (R // block_size), C // block_size)](
-            src, dst, s, R // block_size, *src.stride(), dst.stride(0), dst.stride(1), *s.stride(),
+            src, dst, dst_s, R // block_size, *src.stride(), dst.stride(0), dst.stride(1), *dst_s.stride(),
             BLOCK_K=block_size, POW2=pow2, STORE_S=store_s, num_warps=8)
-    launch(w3, y, True)
-    if transposed:
-        # W^T for Dgrad: the same kernel reads w through its transposed strides and writes the same
-        # bytes transposed (its scales are s^T, not stored again). It replaces torch's copy of y's
-        # transpose (0.33 ms for 7168x18432 on the H200, 41 of them in a v3-gpu step; the kernel is
-        # not yet timed). A kernel that stored each tile twice, as y and y^T, wrote wrong bytes on
-        # the H200 with Triton 3.6 (right in the interpreter).
-        yT = torch.empty(E, K, N, dtype=out_dtype, device=w.device)
-        launch(w3.transpose(-2, -1), yT, False)
-    y, s = y.view(w.shape), s.view(*w.shape[:-2], N // block_size, K // block_size)
-    return (y, s, yT.view(*w.shape[:-2], K, N)) if transposed else (y, s)
+    n0 = 0
+    for wi in ws:
+        n = wi.shape[-2]
+        w3 = wi.reshape(E, n, K)                                   # a view, for the weights we quantize
+        rows = slice(n0 // block_size, (n0 + n) // block_size)
+        launch(w3, y[:, n0:n0 + n], s[:, rows], True)
+        if transposed:
+            launch(w3.transpose(-2, -1), yT[:, :, n0:n0 + n], s, False)
+        n0 += n
+    y, s = y.view(*lead, N, K), s.view(*lead, N // block_size, K // block_size)
+    return (y, s, yT.view(*lead, K, N)) if transposed else (y, s)
 
 
 def act_quant_t(x, x_s=None, block_size=BLOCK, pow2=False, out_dtype=FP8, tiles=None):
@@ -431,25 +443,36 @@ if HAS_TRITON:
         a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
         b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :]
         as_ptrs = as_ptr + offs_m * stride_asm
-        if B_PER_ROW:   # 1x128 tiles of b (Wgrad)
+        # a weight's 128x128 blocks give a tile no wider than a block one scale per K-block (tiles
+        # start at multiples of BLOCK_N, which divides 128): one multiply per row, not per element
+        if B_PER_ROW:   # 1x128 tiles of b (Wgrad): a scale per row of b
             bs_ptrs = bs_ptr + offs_n * stride_bsn
-        else:           # 128x128 blocks of b (a weight)
+        elif BLOCK_N <= BLOCK_K:  # the tile's one 128-row block of b
+            bs_ptrs = bs_ptr + (tl.min(offs_n, axis=0) // BLOCK_K) * stride_bsn
+        else:           # a tile across several blocks of b
             bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * stride_bsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_lo, k_hi):
             part = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)))  # tensor cores: one block, FP32 out
             s_a, s_b = tl.load(as_ptrs + k * stride_ask), tl.load(bs_ptrs + k * stride_bsk)
-            acc += part * (s_a[:, None] * s_b[None, :])  # promotion: scale, add in FP32 registers
+            if not B_PER_ROW and BLOCK_N <= BLOCK_K:
+                acc += part * (s_a * s_b)[:, None]          # promotion: scale, add in FP32 registers
+            else:
+                acc += part * (s_a[:, None] * s_b[None, :])
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         return acc
 
-    def _gemm_configs():
-        # On the H200 64x128, 4 warps, 4 stages won for all three benchmark shapes. A variant that
-        # issued block k+1's MMA before promoting block k lost everywhere and was dropped.
-        cfg = lambda bm, bn, w, st: triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8},
-                                                  num_warps=w, num_stages=st)
-        return [cfg(64, 128, 4, 4), cfg(128, 128, 8, 3), cfg(64, 128, 4, 5), cfg(64, 64, 4, 5), cfg(128, 64, 4, 4)]
+    def _gemm_configs(group_m=True):
+        # On the H200 64x128, 4 warps, 4 stages won for all three benchmark shapes (before the
+        # one-scale promotion above). A variant that issued block k+1's MMA before promoting block k
+        # lost everywhere and was dropped. 64 rows of FP32 partial sums and as many of the
+        # accumulator per warpgroup let two CTAs share an SM: one promotes while the other multiplies.
+        def cfg(bm, bn, w, st):
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn, **({"GROUP_M": 8} if group_m else {})}
+            return triton.Config(meta, num_warps=w, num_stages=st)
+        return [cfg(64, 128, 4, 4), cfg(64, 128, 4, 3), cfg(128, 128, 8, 3), cfg(64, 128, 4, 5),
+                cfg(64, 256, 8, 4), cfg(64, 64, 4, 5), cfg(128, 64, 4, 4)]
 
     @_tuned(_gemm_configs(), key=["N", "K", "B_PER_ROW"])
     @triton.jit
@@ -472,6 +495,9 @@ if HAS_TRITON:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
+    # BLOCK_M is fixed by the tile table (row_tiles); the rest is tuned per (N, K)
+    @_tuned([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+             for bn, w, st in ((128, 4, 4), (128, 4, 3), (128, 4, 5), (256, 8, 4), (64, 4, 5))], key=["N", "K"])
     @triton.jit
     def _fp8_gemm_rows_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tiles_ptr, num_tiles, num_experts,
                                       N, K, stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_ask,
@@ -496,6 +522,7 @@ if HAS_TRITON:
         mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
+    @_tuned(_gemm_configs(group_m=False), key=["M", "N"])
     @triton.jit
     def _fp8_gemm_k_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, kblocks_ptr, M, N,
                                    stride_am, stride_bn, stride_ce, stride_cm, stride_asm, stride_ask,
@@ -690,17 +717,19 @@ def _(x, pow2):
 
 
 @torch.library.custom_op("fp8::weight_quant", mutates_args=())
-def weight_quant_op(w: Tensor, pow2: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """weight_quant of w (..., N, K) padded to (..., Np, Kp): w_fp8, its scales (..., Np/128, Kp/128)
-    and w_fp8^T (..., Kp, Np) for Dgrad."""
-    with _no_autocast(w):
-        return weight_quant(_padded(w, rows=True), pow2=pow2, transposed=True)
+def weight_quant_op(ws: list[Tensor], pow2: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """weight_quant of the weights ws (..., N_i, K), each padded to (..., Np_i, Kp), concatenated
+    along N (one weight, or the experts' w1 and w3): w_fp8 (..., Np, Kp), its scales
+    (..., Np/128, Kp/128) and w_fp8^T (..., Kp, Np) for Dgrad."""
+    with _no_autocast(ws[0]):
+        return weight_quant([_padded(w, rows=True) for w in ws], pow2=pow2, transposed=True)
 
 
 @weight_quant_op.register_fake
-def _(w, pow2):
-    *E, N, K = w.shape
-    Np, Kp = _round_up(N), _round_up(K)
+def _(ws, pow2):
+    *E, _, K = ws[0].shape
+    Np, Kp = sum(_round_up(w.shape[-2]) for w in ws), _round_up(K)
+    w = ws[0]
     return (w.new_empty(*E, Np, Kp, dtype=FP8), w.new_empty(*E, Np // BLOCK, Kp // BLOCK, dtype=torch.float32),
             w.new_empty(*E, Kp, Np, dtype=FP8))
 
@@ -743,7 +772,7 @@ class _FP8LinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, out_dtype, pow2):
         N, K = weight.shape
         x_fp8, x_s = quant_op(x, pow2 or pow2_scales)                 # (M, Kp), (M, Kp/128)
-        w_fp8, w_s, wT_fp8 = weight_quant_op(weight, pow2_scales)     # (Np, Kp), (Np/128, Kp/128), (Kp, Np)
+        w_fp8, w_s, wT_fp8 = weight_quant_op([weight], pow2_scales)   # (Np, Kp), (Np/128, Kp/128), (Kp, Np)
         y = gemm_op(x_fp8, x_s, w_fp8[:N], w_s, out_dtype)            # Fprop (M, N)
         ctx.save_for_backward(x_fp8, x_s, wT_fp8[:K], w_s)            # x kept in FP8, not BF16
         ctx.pow2, ctx.dtypes = (pow2 or pow2_scales, pow2_scales), (x.dtype, weight.dtype)
@@ -802,9 +831,9 @@ class FP8Linear(nn.Linear):
 # "auto": triton on CUDA (on the H200, 8 experts x 2048 tokens, 7168 -> 2048, forward+backward:
 # 3.8 ms against the loop's 4.5 ms), loop on the CPU.
 grouped_impl = "auto"
-# tiles of the grouped kernels (not autotuned: the row-tile table depends on BLOCK_M)
-GROUPED_ROWS_CFG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)
-GROUPED_K_CFG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)
+# the row tiles of the grouped Fprop/Dgrad kernel (its tile table is built for them, so they are
+# not autotuned; the kernels' other sizes are)
+GROUPED_BLOCK_M = 64
 
 
 def _grouped_triton(x):
@@ -854,7 +883,7 @@ def _group_tiles(offs, M, block=BLOCK, tail=False):
 def row_tiles(offs, M):
     """The tile table of fp8_grouped_gemm_rows' Triton kernel for M rows grouped by offs: built on
     the device, once per layer by fp8_experts and handed to its six row GEMMs."""
-    return _group_tiles(offs, M, GROUPED_ROWS_CFG["BLOCK_M"], tail=True)[0]
+    return _group_tiles(offs, M, GROUPED_BLOCK_M, tail=True)[0]
 
 
 def fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype=torch.bfloat16, tiles=None):
@@ -872,13 +901,13 @@ def fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype=torch.bfloat16, tiles=
         return c
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)     # every row is in one tile: all written
     tiles = row_tiles(offs, M) if tiles is None else tiles     # (3, cdiv(M, BLOCK_M) + E)
-    if tiles.shape != (3, _max_tiles(M, E + 1, GROUPED_ROWS_CFG["BLOCK_M"])):
+    if tiles.shape != (3, _max_tiles(M, E + 1, GROUPED_BLOCK_M)):
         raise ValueError(f"fp8: tiles {tuple(tiles.shape)} are not row_tiles(offs, M={M}) for {E} experts")
-    grid = (tiles.shape[1], triton.cdiv(N, GROUPED_ROWS_CFG["BLOCK_N"]))
+    grid = lambda meta: (tiles.shape[1], triton.cdiv(N, meta["BLOCK_N"]))   # noqa: E731
     _fp8_gemm_rows_grouped_kernel[grid](a, b, c, a_s, b_s, tiles, tiles.shape[1], E, N, K, a.stride(0),
                                         b.stride(0), b.stride(1), c.stride(0), a_s.stride(0), a_s.stride(1),
                                         b_s.stride(0), b_s.stride(1), b_s.stride(2), BLOCK_K=BLOCK,
-                                        **GROUPED_ROWS_CFG)
+                                        BLOCK_M=GROUPED_BLOCK_M)
     return c
 
 
@@ -898,11 +927,10 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
             else:
                 c[e].zero_()                                       # an expert that got no tokens
         return c
-    cfg = GROUPED_K_CFG
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), E)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), E)   # noqa: E731
     _fp8_gemm_k_grouped_kernel[grid](a, b, c, a_s, b_s, kblocks, M, N, a.stride(0), b.stride(0), c.stride(0),
                                      c.stride(1), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
-                                     BLOCK_K=BLOCK, **cfg)
+                                     BLOCK_K=BLOCK)
     return c
 
 
@@ -928,70 +956,76 @@ def _(a, a_s, b, b_s, offs, out_dtype, tiles=None):
 @torch.library.custom_op("fp8::grouped_wgrad", mutates_args=())
 def grouped_wgrad_op(dy: Tensor, dy_s: Optional[Tensor], x: Tensor, x_s: Optional[Tensor], offs: Tensor,
                      pow2_dy: bool, pow2_x: bool, out_dtype: torch.dtype, tiles: Optional[Tensor] = None,
-                     kblocks: Optional[Tensor] = None) -> Tensor:
-    """dW[e] (N, K) = dy[rows of e]^T x[rows of e] for every expert e: (E, N, K). dy (M, N) and x
-    (M, K) as for wgrad_op; each expert's tokens are padded to whole 128-token tiles on their own,
-    so that no tile holds two experts' tokens, into a fixed cdiv(M, 128) + E - 1 tiles (the rows
-    past offs[-1] are in none). tiles, kblocks: _group_tiles(offs, M), if already built."""
+                     kblocks: Optional[Tensor] = None, chunks: int = 1) -> list[Tensor]:
+    """dW[e] (N, K) = dy[rows of e]^T x[rows of e] for every expert e, as `chunks` tensors
+    (E, N/chunks, K), dy's columns cut in equal parts (the SwiGLU's w1 and w3 from one [dh1 | dh3],
+    x re-tiled once for both). dy (M, N) and x (M, K) as for wgrad_op; each expert's tokens are
+    padded to whole 128-token tiles on their own, so that no tile holds two experts' tokens, into a
+    fixed cdiv(M, 128) + E - 1 tiles (the rows past offs[-1] are in none). tiles, kblocks:
+    _group_tiles(offs, M), if already built."""
     if tiles is None or kblocks is None:
         tiles, kblocks = _group_tiles(offs, dy.shape[0])
     with _no_autocast(dy):
         dyT, dyT_s = act_quant_t(dy, dy_s, pow2=pow2_dy, tiles=tiles)    # (N, Mp)
         xT, xT_s = act_quant_t(x, x_s, pow2=pow2_x, tiles=tiles)         # (K, Mp)
-        return fp8_grouped_gemm_k(dyT, dyT_s, xT, xT_s, kblocks, out_dtype)
+        n = dy.shape[1] // chunks
+        return [fp8_grouped_gemm_k(dyT[i * n:(i + 1) * n], dyT_s[i * n:(i + 1) * n], xT, xT_s, kblocks, out_dtype)
+                for i in range(chunks)]
 
 
 @grouped_wgrad_op.register_fake
-def _(dy, dy_s, x, x_s, offs, pow2_dy, pow2_x, out_dtype, tiles=None, kblocks=None):
-    return dy.new_empty(offs.shape[0], dy.shape[1], x.shape[1], dtype=out_dtype)
+def _(dy, dy_s, x, x_s, offs, pow2_dy, pow2_x, out_dtype, tiles=None, kblocks=None, chunks=1):
+    return [dy.new_empty(offs.shape[0], dy.shape[1] // chunks, x.shape[1], dtype=out_dtype) for _ in range(chunks)]
 
 
 FPROP_OPS = {torch.ops.fp8.gemm.default, torch.ops.fp8.grouped_gemm.default}   # the forward GEMMs (moe.MATMULS)
 
 
 class _FP8ExpertsFn(torch.autograd.Function):
-    """The routed experts' SwiGLU, y = w2(silu(w1 x) * w3 x) per expert, all nine GEMMs in FP8."""
+    """The routed experts' SwiGLU, y = w2(silu(w1 x) * w3 x) per expert, all GEMMs in FP8. w1 and
+    w3 run as one weight [w1; w3] (E, 2I, D): one Fprop GEMM gives [w1 x | w3 x], one Dgrad GEMM
+    sums both halves' dx, one Wgrad call re-tiles x once for both (9 GEMMs become 6 launches)."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, w3, offs, out_dtype, x_fp8, x_s):
+        I = w1.shape[1]
         with torch.autocast(x.device.type, enabled=False):
             if x_fp8 is None:  # else x arrived in FP8 (comm.py's dispatch), quantized the same way
                 x_fp8, x_s = quant_op(x, True)                           # (M, D): once, for w1 and w3
-            (w1_fp8, w1_s, w1T), (w2_fp8, w2_s, w2T), (w3_fp8, w3_s, w3T) = (
-                weight_quant_op(w, pow2_scales) for w in (w1, w2, w3))   # (E, out, in), blocks, (E, in, out)
-            # the Triton kernels' row tiles, for all six row GEMMs (forward and backward); the loop reads offs
+            w13_fp8, w13_s, w13T = weight_quant_op([w1, w3], pow2_scales)   # (E, 2I, D), blocks, (E, D, 2I)
+            w2_fp8, w2_s, w2T = weight_quant_op([w2], pow2_scales)           # (E, D, I), blocks, (E, I, D)
+            # the Triton kernels' row tiles, for all four row GEMMs (forward and backward); the loop reads offs
             t = row_tiles(offs, x.shape[0]) if _grouped_triton(x) else None   # (3, cdiv(M, BLOCK_M) + E)
-            h1 = grouped_gemm_op(x_fp8, x_s, w1_fp8, w1_s, offs, out_dtype, t)   # Fprop (M, I)
-            h3 = grouped_gemm_op(x_fp8, x_s, w3_fp8, w3_s, offs, out_dtype, t)   # Fprop (M, I)
-            a_fp8, a_s = quant_op(F.silu(h1) * h3, pow2_scales)          # SwiGLU, (M, I)
+            h = grouped_gemm_op(x_fp8, x_s, w13_fp8, w13_s, offs, out_dtype, t)  # Fprop (M, 2I): [h1 | h3]
+            a_fp8, a_s = quant_op(F.silu(h[:, :I]) * h[:, I:], pow2_scales)      # SwiGLU, (M, I)
             y = grouped_gemm_op(a_fp8, a_s, w2_fp8, w2_s, offs, out_dtype, t)    # Fprop (M, D)
-            h1_fp8, h1_s = quant_op(h1, pow2_scales)                     # the SwiGLU inputs, cached in FP8
-            h3_fp8, h3_s = quant_op(h3, pow2_scales)
-        ctx.save_for_backward(x_fp8, x_s, h1_fp8, h1_s, h3_fp8, h3_s, offs, w1T, w1_s, w2T, w2_s, w3T, w3_s, t)
+            # the SwiGLU inputs, cached in FP8: 1x128 tiles of h are those of h1 and of h3 (I % 128 == 0)
+            h_fp8, h_s = quant_op(h, pow2_scales)
+        ctx.save_for_backward(x_fp8, x_s, h_fp8, h_s, offs, w13T, w13_s, w2T, w2_s, t)
         ctx.pow2, ctx.dtypes = pow2_scales, (x.dtype, w1.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_fp8, x_s, h1_fp8, h1_s, h3_fp8, h3_s, offs, w1T, w1_s, w2T, w2_s, w3T, w3_s, t = ctx.saved_tensors
+        x_fp8, x_s, h_fp8, h_s, offs, w13T, w13_s, w2T, w2_s, t = ctx.saved_tensors
         pow2, (x_dtype, w_dtype) = ctx.pow2, ctx.dtypes
+        I = w2T.shape[1]
         with torch.autocast(dy.device.type, enabled=False):
-            tk = _group_tiles(offs, dy.shape[0])                              # Wgrad's token tiles, for all three
+            tk = _group_tiles(offs, dy.shape[0])                              # Wgrad's token tiles, for both
             # the activation gradient before the down-projection: quantized once, for Dgrad and Wgrad
             dy_fp8, dy_s = quant_op(dy.contiguous(), True)                    # (M, D)
             da = grouped_gemm_op(dy_fp8, dy_s, w2T, w2_s.transpose(1, 2), offs, torch.float32, t)  # Dgrad (M, I)
-            h1, h3 = act_dequant(h1_fp8, h1_s), act_dequant(h3_fp8, h3_s)     # from the FP8 cache, (M, I)
+            h = act_dequant(h_fp8, h_s)                                       # from the FP8 cache, (M, 2I)
+            h1, h3 = h[:, :I], h[:, I:]
             sig = torch.sigmoid(h1)
             a = h1 * sig * h3                                                 # the SwiGLU output, recomputed
-            dw2 = grouped_wgrad_op(dy_fp8, dy_s, a, None, offs, True, pow2, w_dtype, *tk)  # Wgrad (E, D, I): dy re-tiled
-            dh1 = da * h3 * sig * (1 + h1 * (1 - sig))                        # silu'(h) = sig (1 + h (1 - sig))
-            dh3 = da * h1 * sig
-            (dh1_fp8, dh1_s), (dh3_fp8, dh3_s) = quant_op(dh1, pow2), quant_op(dh3, pow2)   # (M, I) each
-            dx = (grouped_gemm_op(dh1_fp8, dh1_s, w1T, w1_s.transpose(1, 2), offs, torch.float32, t)
-                  + grouped_gemm_op(dh3_fp8, dh3_s, w3T, w3_s.transpose(1, 2), offs, torch.float32, t))  # Dgrad (M, D)
-            dw1 = grouped_wgrad_op(dh1, None, x_fp8, x_s, offs, pow2, True, w_dtype, *tk)   # Wgrad (E, I, D): x re-tiled
-            dw3 = grouped_wgrad_op(dh3, None, x_fp8, x_s, offs, pow2, True, w_dtype, *tk)
-        return dx.to(x_dtype), dw1, dw2, dw3, None, None, None, None
+            dw2, = grouped_wgrad_op(dy_fp8, dy_s, a, None, offs, True, pow2, w_dtype, *tk)  # Wgrad (E, D, I): dy re-tiled
+            # [dh1 | dh3], silu'(h) = sig (1 + h (1 - sig)); quantized once for the Dgrad and the Wgrad
+            dh = torch.cat([da * h3 * sig * (1 + h1 * (1 - sig)), da * h1 * sig], 1)   # (M, 2I)
+            dh_fp8, dh_s = quant_op(dh, pow2)
+            dx = grouped_gemm_op(dh_fp8, dh_s, w13T, w13_s.transpose(1, 2), offs, x_dtype, t)  # Dgrad (M, D), over 2I
+            dw1, dw3 = grouped_wgrad_op(dh, None, x_fp8, x_s, offs, pow2, True, w_dtype, *tk, chunks=2)  # x re-tiled
+        return dx, dw1, dw2, dw3, None, None, None, None
 
 
 def _check_experts(*ws):
@@ -1046,7 +1080,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
     def forward(ctx, x, w, offs, out_dtype, x_fp8, x_s):
         if x_fp8 is None:
             x_fp8, x_s = quant_op(x, pow2_scales)                        # (M, K), rows independent
-        w_fp8, w_s, wT_fp8 = weight_quant_op(w, pow2_scales)             # (E, N, K), (E, N/128, K/128), (E, K, N)
+        w_fp8, w_s, wT_fp8 = weight_quant_op([w], pow2_scales)           # (E, N, K), (E, N/128, K/128), (E, K, N)
         y = grouped_gemm_op(x_fp8, x_s, w_fp8, w_s, offs, out_dtype)     # Fprop (M, N)
         ctx.save_for_backward(x_fp8, x_s, wT_fp8, w_s, offs)
         ctx.pow2, ctx.dtypes = pow2_scales, (x.dtype, w.dtype)
@@ -1062,7 +1096,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
             dy_fp8, dy_s = quant_op(dy, pow2)                            # (M, N)
             dx = grouped_gemm_op(dy_fp8, dy_s, wT_fp8, w_s.transpose(1, 2), offs, x_dtype)  # Dgrad (M, K)
         if ctx.needs_input_grad[1]:
-            dw = grouped_wgrad_op(dy, None, x_fp8, x_s, offs, pow2, pow2, w_dtype)         # Wgrad (E, N, K)
+            dw, = grouped_wgrad_op(dy, None, x_fp8, x_s, offs, pow2, pow2, w_dtype)        # Wgrad (E, N, K)
         return dx, dw, None, None, None, None
 
 

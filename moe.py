@@ -307,15 +307,23 @@ class Experts(nn.Module):
         x = x.to(dtype)
         w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
         if expert_impl == "grouped" and grouped_mm_runs(x, w1):
-            offs = counts.cumsum(0).to(torch.int32)  # row end of each expert's group
-            mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)  # noqa: E731
-            return mm(F.silu(mm(x, w1)) * mm(x, w3), w2)
+            return grouped_swiglu(x, w1, w2, w3, counts.cumsum(0).to(torch.int32))
         out, start = [], 0
         for e, n in enumerate(counts.tolist()):
             xe = x[start:start + n]
             out.append((F.silu(xe @ w1[e].T) * (xe @ w3[e].T)) @ w2[e].T)
             start += n
         return torch.cat(out)
+
+
+def grouped_swiglu(x, w1, w2, w3, offs):
+    """The routed experts by torch._grouped_mm: x (M, D) sorted by expert, offs (E,) int32 the row
+    end of each expert's group. w1 and w3 run as one weight [w1; w3] (E, 2I, D): one GEMM gives
+    [w1 x | w3 x], and one each computes their Dgrad and Wgrad (fewer, wider GEMMs; compiled, the
+    cat joins the casts to BF16)."""
+    mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)  # noqa: E731
+    h1, h3 = mm(x, torch.cat([w1, w3], 1)).chunk(2, -1)
+    return mm(F.silu(h1) * h3, w2)
 
 
 def grouped_mm_runs(x, w):

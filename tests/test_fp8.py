@@ -240,7 +240,7 @@ def test_fp8_linear_pads_partial_blocks_with_zeros(K, N):
     for got, ref in ((y, yb[:, :N]), (xx.grad, xb.grad[:, :K]), (lin.weight.grad, big.weight.grad[:N, :K])):
         assert got.shape == ref.shape and rel(got, ref) < 1e-6
     assert torch.equal(yb[:, N:], torch.zeros_like(yb[:, N:]))
-    w_fp8, w_s, wT = fp8.weight_quant_op(lin.weight, False)
+    w_fp8, w_s, wT = fp8.weight_quant_op([lin.weight], False)
     assert w_fp8.shape == (Np, Kp) and wT.shape == (Kp, Np) and w_s.shape == (Np // 128, Kp // 128)
     last = lin.weight[(Np // 128 - 1) * 128:, (Kp // 128 - 1) * 128:]   # the last block's real part
     assert w_s[-1, -1] == last.abs().max() / 448
@@ -257,7 +257,7 @@ def test_every_linear_of_an_fp8_model_is_fp8_at_v3_shapes():
     assert len(linears) == 16 and all(isinstance(m, fp8.FP8Linear) for m in linears.values())
     assert {n for n, m in linears.items() if m.pow2} == {"0.attn.w_o", "1.attn.w_o"}
     w_dkv = blocks[0].attn.w_dkv.weight
-    assert w_dkv.shape == (576, 7168) and fp8.weight_quant_op(w_dkv, False)[1].shape == (5, 56)
+    assert w_dkv.shape == (576, 7168) and fp8.weight_quant_op([w_dkv], False)[1].shape == (5, 56)
     plain = model.linear_cls(model.ModelArgs())(256, 576, bias=False, pow2=True)
     assert type(plain) is nn.Linear and plain.weight.shape == (576, 256)
 
@@ -267,18 +267,18 @@ def test_every_linear_of_an_fp8_model_is_fp8_at_v3_shapes():
 def _op_cases():
     ops = torch.ops.fp8
     x_fp8, x_s = ops.quant(activations(100, 256), False)
-    w_fp8, w_s, _ = ops.weight_quant(torch.randn(192, 256), False)
-    we_fp8, we_s, _ = ops.weight_quant(torch.randn(3, 128, 256), False)
+    w_fp8, w_s, _ = ops.weight_quant([torch.randn(192, 256)], False)
+    we_fp8, we_s, _ = ops.weight_quant([torch.randn(3, 128, 256)], False)
     g_fp8, g_s = ops.quant(torch.randn(100, 128), True)
     offs = torch.tensor([40, 40, 100], dtype=torch.int32)       # an empty expert in the middle
     return {
         "quant": (ops.quant.default, (activations(100, 200), True)),
-        "weight_quant": (ops.weight_quant.default, (torch.randn(3, 192, 256), False)),
+        "weight_quant": (ops.weight_quant.default, ([torch.randn(3, 192, 256), torch.randn(3, 128, 256)], False)),
         "gemm": (ops.gemm.default, (x_fp8, x_s, w_fp8[:192], w_s, torch.bfloat16)),
         "wgrad": (ops.wgrad.default, (torch.randn(100, 192), None, x_fp8, x_s, 192, 250, False, True, torch.float32)),
         "grouped_gemm": (ops.grouped_gemm.default, (x_fp8, x_s, we_fp8, we_s, offs, torch.float32)),
         "grouped_wgrad": (ops.grouped_wgrad.default, (g_fp8, g_s, activations(100, 256), None, offs, True, False,
-                                                      torch.float32)),
+                                                      torch.float32, None, None, 2)),
     }
 
 
@@ -475,22 +475,24 @@ def test_fp8_experts_against_fp64():
 
 def test_fp8_experts_quantize_x_once_and_cache_the_swiglu_inputs_in_fp8():
     """3.3.3: x is quantized once for w1 and w3, with power-of-two scales; what backward keeps of the
-    activations is x, w1 x and w3 x in FP8 (no BF16/FP32 copy of any of them, nor of the SwiGLU
-    output); the gradient before w2 is quantized once, with power-of-two scales."""
-    x, w1, w2, w3, offs = _experts_case([130, 0, 37, 89])
+    activations is x and [w1 x | w3 x] in FP8 (no BF16/FP32 copy of any of them, nor of the SwiGLU
+    output); the gradient before w2 is quantized once, with power-of-two scales, and [dh1 | dh3]
+    once for its Dgrad."""
+    x, w1, w2, w3, offs = _experts_case([130, 0, 37, 89], I=384)   # D, I and 2I tell the quantizations apart
     (M, D), I = x.shape, w1.shape[1]
     x, w1, w2, w3 = (t.requires_grad_(True) for t in (x, w1, w2, w3))
     saved = []
     with CountOps() as ops, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fp8.fp8_experts(x, w1, w2, w3, offs)
-    assert ops.quants == [((M, D), True), ((M, I), False), ((M, I), False), ((M, I), False)]   # x, silu(.)*., h1, h3
+    assert ops.quants == [((M, D), True), ((M, I), False), ((M, 2 * I), False)]   # x, silu(.)*., [h1 | h3]
     activations_saved = sorted(tuple(t.shape) for t in saved if t.shape[0] == M and t.shape[-1] >= 128)
-    assert activations_saved == [(M, I), (M, I), (M, D)]
+    assert activations_saved == [(M, D), (M, 2 * I)]
     assert all(t.dtype == fp8.FP8 for t in saved if t.shape[0] == M and t.shape[-1] >= 128)
     assert is_pow2(next(t for t in saved if t.shape == (M, D // 128)))      # x's scales
     with CountOps() as ops:
         y.backward(torch.randn_like(y))
     assert [q for q in ops.quants if q[0] == (M, D)] == [((M, D), True)]      # dy, once
+    assert [q for q in ops.quants if q[0] != (M, D)] == [((M, 2 * I), False)]  # [dh1 | dh3], once
 
 # ----------------------------------------------------------------------------- whole blocks: recompute, torch.compile
 
@@ -539,8 +541,8 @@ def test_recompute_keeps_fp8_gemm_outputs():
     n_linear = sum(isinstance(m, fp8.FP8Linear) for m in blocks.modules())
     assert n_linear == 16 and off["gemm"] == 2 * n_linear            # Fprop + Dgrad of each FP8Linear
     assert on["gemm"] - off["gemm"] == 2 * len(blocks)               # W^UQ's and W^UKV's Fprop again
-    assert on["grouped_gemm"] == off["grouped_gemm"] == 3 + 3        # experts: w1, w3, w2; Dgrads of w2, w1, w3
-    assert on["wgrad"] == off["wgrad"] == n_linear and on["grouped_wgrad"] == off["grouped_wgrad"] == 3
+    assert on["grouped_gemm"] == off["grouped_gemm"] == 2 + 2        # experts: [w1; w3], w2; Dgrads of w2, [w1; w3]
+    assert on["wgrad"] == off["wgrad"] == n_linear and on["grouped_wgrad"] == off["grouped_wgrad"] == 2
     for a, b in zip(g_on, g_off):
         assert rel(a, b) < 1e-6
 
@@ -612,12 +614,13 @@ def test_triton_quant_matches_torch(device, pow2):
     w = torch.randn(256, 384, device=device)
     offs = torch.tensor([130, 130, 180], dtype=torch.int32, device=device)   # an empty expert, 20 rows in none
     groups = dict(tiles=fp8._group_tiles(offs, 200)[0])
-    experts = torch.randn(3, 256, 384, device=device)
+    experts, experts2 = torch.randn(3, 256, 384, device=device), torch.randn(3, 128, 384, device=device)
     for f, args, kw in ((fp8.act_quant, (x,), {}), (fp8.weight_quant, (w,), {}), (fp8.act_quant_t, (x,), {}),
                         (fp8.act_quant_t, fp8.act_quant_ref(x), {}), (fp8.act_quant_t, (x,), groups),
                         (fp8.act_quant_t, fp8.act_quant_ref(x), groups),
                         (fp8.weight_quant, (w,), dict(transposed=True)),
-                        (fp8.weight_quant, (experts,), dict(transposed=True))):
+                        (fp8.weight_quant, (experts,), dict(transposed=True)),
+                        (fp8.weight_quant, ([experts, experts2],), dict(transposed=True))):   # [w1; w3]
         fp8.quant_impl = "torch"
         ref = f(*args, pow2=pow2, **kw)
         fp8.quant_impl = "triton"
@@ -754,7 +757,7 @@ def test_fp8_experts_build_their_tables_once(impl, monkeypatch):
     assert calls == ({"rows": 1, "wgrad": 1} if impl == "triton" else {"wgrad": 1})
     ops = torch.ops.fp8
     monkeypatch.setattr(fp8, "grouped_gemm_op", lambda *a: ops.grouped_gemm(*a[:6]))      # the tables not handed in:
-    monkeypatch.setattr(fp8, "grouped_wgrad_op", lambda *a: ops.grouped_wgrad(*a[:8]))    # each op builds its own
+    monkeypatch.setattr(fp8, "grouped_wgrad_op", lambda *a, **k: ops.grouped_wgrad(*a[:8], **k))  # each op builds its own
     for g, r in zip(got, _run_experts(x, w1, w2, w3, offs, dy)):
         assert torch.equal(g, r)
 
