@@ -318,12 +318,10 @@ class Experts(nn.Module):
 
 def grouped_swiglu(x, w1, w2, w3, offs):
     """The routed experts by torch._grouped_mm: x (M, D) sorted by expert, offs (E,) int32 the row
-    end of each expert's group. w1 and w3 run as one weight [w1; w3] (E, 2I, D): one GEMM gives
-    [w1 x | w3 x], and one each computes their Dgrad and Wgrad (fewer, wider GEMMs; compiled, the
-    cat joins the casts to BF16)."""
+    end of each expert's group. (w1 and w3 as one GEMM of [w1; w3], as fp8.fp8_experts runs them,
+    was slower in BF16 on the H200: 7.35 ms against 6.70, bench.py fp8, 2026-12-02.)"""
     mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)  # noqa: E731
-    h1, h3 = mm(x, torch.cat([w1, w3], 1)).chunk(2, -1)
-    return mm(F.silu(h1) * h3, w2)
+    return mm(F.silu(mm(x, w1)) * mm(x, w3), w2)
 
 
 def grouped_mm_runs(x, w):
