@@ -319,7 +319,8 @@ class Experts(nn.Module):
 def grouped_swiglu(x, w1, w2, w3, offs):
     """The routed experts by torch._grouped_mm: x (M, D) sorted by expert, offs (E,) int32 the row
     end of each expert's group. (w1 and w3 as one GEMM of [w1; w3], as fp8.fp8_experts runs them,
-    was slower in BF16 on the H200: 7.35 ms against 6.70, bench.py fp8, 2026-12-02.)"""
+    measured slower in BF16 on the H200: the SwiGLU forward+backward compiled 7.35 ms against 6.70
+    for this, in two runs of bench.py fp8 on 2026-12-02; it was not kept.)"""
     mm = lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)  # noqa: E731
     return mm(F.silu(mm(x, w1)) * mm(x, w3), w2)
 
