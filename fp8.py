@@ -210,6 +210,14 @@ if HAS_TRITON:
             s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
         return s
 
+    @triton.jit
+    def _scaled(x, s, POW2: tl.constexpr):
+        # x / s, rounded as torch rounds it. A power-of-two s has an exact reciprocal, and then
+        # x * (1/s) is the same number: one multiply an element instead of an IEEE division.
+        if POW2:
+            return x * tl.math.div_rn(1.0, s)
+        return tl.math.div_rn(x, s)
+
     def _tuned(configs, key):
         """Autotune on the GPU; under the interpreter (which cannot time kernels) take the first."""
         return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)
@@ -227,7 +235,7 @@ if HAS_TRITON:
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
         s = _scale_of(tl.max(tl.abs(x), axis=1), POW2)                          # (BLOCK_M,)
-        y = tl.clamp(tl.math.div_rn(x, s[:, None]), -448.0, 448.0)
+        y = tl.clamp(_scaled(x, s[:, None], POW2), -448.0, 448.0)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + offs_m * stride_sm + pid_k * stride_sk, s, mask=offs_m < M)
 
@@ -244,7 +252,7 @@ if HAS_TRITON:
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk).to(tl.float32)
         s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-        y = tl.clamp(tl.math.div_rn(w, s), -448.0, 448.0)
+        y = tl.clamp(_scaled(w, s, POW2), -448.0, 448.0)
         tl.store(y_ptr + e * stride_ye + offs_n[:, None] * stride_yn + offs_k[None, :], y.to(y_ptr.dtype.element_ty))
         if STORE_S:
             tl.store(s_ptr + e * stride_se + nb * stride_sn + pid_k * stride_sk, s)
@@ -274,7 +282,7 @@ if HAS_TRITON:
                          mask=mask_m, other=0.0)
             x = x * xs[:, None]
         s = _scale_of(tl.max(tl.abs(x), axis=0), POW2)                          # (BLOCK_K,)
-        y = tl.clamp(tl.math.div_rn(x, s[None, :]), -448.0, 448.0)
+        y = tl.clamp(_scaled(x, s[None, :], POW2), -448.0, 448.0)
         offs_out = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         tl.store(y_ptr + offs_k[None, :] * stride_yk + offs_out[:, None], y.to(y_ptr.dtype.element_ty))
         tl.store(s_ptr + pid_m * stride_smb + offs_k, s)
