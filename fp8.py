@@ -465,22 +465,25 @@ if HAS_TRITON:
             s_a, s_b = tl.load(as_ptrs + k * stride_ask), tl.load(bs_ptrs + k * stride_bsk)
             if not B_PER_ROW and BLOCK_N <= BLOCK_K:
                 acc += part * (s_a * s_b)[:, None]          # promotion: scale, add in FP32 registers
-            else:
-                acc += part * (s_a[:, None] * s_b[None, :])
+            else:  # two steps: no (BLOCK_M, BLOCK_N) tile of scales in registers (254 -> 213 for Wgrad)
+                acc += (part * s_b[None, :]) * s_a[:, None]
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         return acc
 
     def _gemm_configs(group_m=True):
-        # On the H200 64x128, 4 warps, 4 stages won for all three benchmark shapes (before the
-        # one-scale promotion above). A variant that issued block k+1's MMA before promoting block k
-        # lost everywhere and was dropped. 64 rows of FP32 partial sums and as many of the
-        # accumulator per warpgroup let two CTAs share an SM: one promotes while the other multiplies.
+        # On the H200 64x128, 4 warps, 3 stages wins at all three benchmark shapes (bench.py fp8,
+        # 2026-12-02; 4 stages before the one-scale promotion). Each K-block's MMA is waited for
+        # before its promotion (wgmma.wait_group 0 in the PTX), so the tensor cores are kept busy by
+        # other CTAs on the SM: this tile takes 166 registers a thread and 72 KB of shared memory
+        # (sm_90, compiled offline: tests/test_fp8.py), room for three. Wgrad's per-column scales of
+        # b take it to 213 registers (two CTAs); 64x64 x 3 stages to 162 (three). A variant that
+        # issued block k+1's MMA before promoting block k lost everywhere: Triton still waits at once.
         def cfg(bm, bn, w, st):
             meta = {"BLOCK_M": bm, "BLOCK_N": bn, **({"GROUP_M": 8} if group_m else {})}
             return triton.Config(meta, num_warps=w, num_stages=st)
-        return [cfg(64, 128, 4, 4), cfg(64, 128, 4, 3), cfg(128, 128, 8, 3), cfg(64, 128, 4, 5),
-                cfg(64, 256, 8, 4), cfg(64, 64, 4, 5), cfg(128, 64, 4, 4)]
+        return [cfg(64, 128, 4, 3), cfg(64, 128, 4, 4), cfg(128, 128, 8, 3), cfg(64, 128, 4, 5),
+                cfg(64, 256, 8, 4), cfg(64, 64, 4, 3), cfg(64, 64, 4, 5), cfg(128, 64, 4, 4)]
 
     @_tuned(_gemm_configs(), key=["N", "K", "B_PER_ROW"])
     @triton.jit
@@ -505,7 +508,8 @@ if HAS_TRITON:
 
     # BLOCK_M is fixed by the tile table (row_tiles); the rest is tuned per (N, K)
     @_tuned([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-             for bn, w, st in ((128, 4, 4), (128, 4, 3), (128, 4, 5), (256, 8, 4), (64, 4, 5))], key=["N", "K"])
+             for bn, w, st in ((128, 4, 3), (128, 4, 4), (128, 4, 5), (256, 8, 4), (64, 4, 3), (64, 4, 5))],
+            key=["N", "K"])
     @triton.jit
     def _fp8_gemm_rows_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tiles_ptr, num_tiles, num_experts,
                                       N, K, stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_ask,
@@ -517,14 +521,15 @@ if HAS_TRITON:
         t, pid_n = tl.program_id(0), tl.program_id(1)
         e = tl.load(tiles_ptr + t).to(tl.int64)
         row0, row_end = tl.load(tiles_ptr + num_tiles + t), tl.load(tiles_ptr + 2 * num_tiles + t)
-        if row0 >= row_end:  # past the last real tile: nothing to do
-            return
-        # "expert" E owns the rows past offs[-1]: no K-blocks are summed (b[E] is never read), zeros
-        k_blocks = tl.where(e < num_experts, K // BLOCK_K, 0)
+        # "expert" E owns the rows past offs[-1]: no K-blocks are summed (b[E] is never read), zeros.
+        # A tile past the last real one (row0 == row_end) sums none either and stores nothing. (An
+        # early return for it cost 21 registers a thread: 187 against 166, and with them the third
+        # CTA on an SM; sm_90 PTX compiled offline, tests/test_fp8.py.)
+        k_blocks = tl.where((e < num_experts) & (row0 < row_end), K // BLOCK_K, 0)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _promoted_mma(a_ptr, b_ptr + e * stride_be, as_ptr, bs_ptr + e * stride_bse,
-                            tl.minimum(offs_m, row_end - 1), tl.minimum(offs_n, N - 1), 0, k_blocks,
+                            tl.minimum(offs_m, tl.maximum(row_end - 1, 0)), tl.minimum(offs_n, N - 1), 0, k_blocks,
                             stride_am, stride_bn, stride_asm, stride_ask, stride_bsn, stride_bsk,
                             False, BLOCK_M, BLOCK_N, BLOCK_K)
         mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)

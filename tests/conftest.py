@@ -16,3 +16,37 @@ def corpus(tmp_path_factory):
     for i, text in enumerate(data.corpus_text("shakespeare")[:3]):
         (root / f"play{i}.txt").write_text(text[:60_000])
     return [f"--data={root}/*.txt", f"--cache_dir={tmp_path_factory.mktemp('cache')}"]
+
+
+@pytest.fixture
+def sm90(tmp_path):
+    """compile(kernel, pointer_dtypes, constexprs, num_warps, num_stages): a Triton kernel compiled
+    for Hopper (sm_90) on this machine, no GPU needed (Triton ships ptxas and cuobjdump). Arguments
+    not named in either dict are int32; pointers, strides, N and K are taken as multiples of 16,
+    as the launches specialize them. Returns {"regs", "stack" (bytes of local memory a thread: spills), "shared",
+    "ptx"}. Skips without Triton, and under TRITON_INTERPRET=1, where kernels are not compiled."""
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter compiles nothing")
+    import re
+    import subprocess
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def compile(kernel, pointers, constexprs, num_warps=4, num_stages=3):
+        fn = kernel
+        while not isinstance(fn, triton.runtime.JITFunction):       # the kernel under an autotuner
+            fn = fn.fn
+        names = fn.arg_names
+        sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+        divisible = [(i,) for i, n in enumerate(names) if n in pointers or n.startswith("stride") or n in ("N", "K")]
+        attrs = {i: [["tt.divisibility", 16]] for i in divisible}
+        cc = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+        cubin = tmp_path / "kernel.cubin"
+        cubin.write_bytes(cc.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+        usage = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
+        regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+        return dict(regs=regs, stack=stack, shared=cc.metadata.shared, ptx=cc.asm["ptx"])
+    return compile
