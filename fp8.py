@@ -913,6 +913,8 @@ def fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype=torch.bfloat16, tiles=
                 fp8_gemm(a[s:t], a_s[s:t], b[e], b_s[e], out_dtype, out=c[s:t])
         return c
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)     # every row is in one tile: all written
+    if M == 0 or N == 0:  # (an expert-parallel rank can get no rows) then every tile would be empty
+        return c
     tiles = row_tiles(offs, M) if tiles is None else tiles     # (3, cdiv(M, BLOCK_M) + E)
     if tiles.shape != (3, _max_tiles(M, E + 1, GROUPED_BLOCK_M)):
         raise ValueError(f"fp8: tiles {tuple(tiles.shape)} are not row_tiles(offs, M={M}) for {E} experts")

@@ -705,6 +705,17 @@ def test_triton_fp8_experts_match_loop_and_ref(device, sizes, uncovered):
         assert all(torch.equal(dw[e], torch.zeros_like(dw[e])) for dw in got[2:])
 
 
+@kernel_devices
+def test_triton_experts_with_no_rows(device):
+    """A rank that expert parallelism sends no rows (M = 0): empty y and dx, and zero weight
+    gradients, from the grouped kernels (whose empty tiles sum no K-blocks and store nothing)."""
+    x, w1, w2, w3, offs = (t.to(device) for t in _experts_case([0, 0, 0]))
+    fp8.quant_impl, fp8.grouped_impl = ("torch" if device == "cpu" else "triton"), "triton"
+    y, dx, *dws = _run_experts(x, w1, w2, w3, offs, torch.randn_like(x))
+    assert y.shape == dx.shape == (0, x.shape[1])
+    assert all(dw.shape == w.shape and torch.equal(dw, torch.zeros_like(dw)) for dw, w in zip(dws, (w1, w2, w3)))
+
+
 class NoHostReads(TorchDispatchMode):
     """Raises where a tensor's value is read into Python (item(), int(), bool(): aten's
     _local_scalar_dense); tolist(), which bypasses the dispatcher, is patched to raise too."""
