@@ -451,8 +451,9 @@ if HAS_TRITON:
         a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
         b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :]
         as_ptrs = as_ptr + offs_m * stride_asm
-        # a weight's 128x128 blocks give a tile no wider than a block one scale per K-block (tiles
-        # start at multiples of BLOCK_N, which divides 128): one multiply per row, not per element
+        # b in 128x128 blocks (a weight): a tile no wider than a block lies in one of them (tiles
+        # start at multiples of BLOCK_N, which divides 128), so one scale per K-block, one multiply
+        # per row in the promotion instead of one per element
         if B_PER_ROW:   # 1x128 tiles of b (Wgrad): a scale per row of b
             bs_ptrs = bs_ptr + offs_n * stride_bsn
         elif BLOCK_N <= BLOCK_K:  # the tile's one 128-row block of b
