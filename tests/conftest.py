@@ -23,8 +23,9 @@ def sm90(tmp_path):
     """compile(kernel, pointer_dtypes, constexprs, num_warps, num_stages): a Triton kernel compiled
     for Hopper (sm_90) on this machine, no GPU needed (Triton ships ptxas and cuobjdump). Arguments
     not named in either dict are int32; pointers, strides, N and K are taken as multiples of 16,
-    as the launches specialize them. Returns {"regs", "stack" (bytes of local memory a thread: spills), "shared",
-    "ptx"}. Skips without Triton, and under TRITON_INTERPRET=1, where kernels are not compiled."""
+    as the launches specialize them. Returns {"regs", "stack" (bytes of local memory a thread:
+    spills), "shared", "ptx", "ptxas" (what ptxas -v says of that PTX)}. Skips without Triton, and
+    under TRITON_INTERPRET=1, where kernels are not compiled."""
     triton = pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter compiles nothing")
@@ -48,5 +49,11 @@ def sm90(tmp_path):
         tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
         usage = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True).stdout
         regs, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-        return dict(regs=regs, stack=stack, shared=cc.metadata.shared, ptx=cc.asm["ptx"])
+        # ptxas -v's advisories, e.g. C7514/C7515 "wgmma.mma_async instructions are serialized"
+        ptx = tmp_path / "kernel.ptx"
+        ptx.write_text(cc.asm["ptx"])
+        ptxas = subprocess.run([os.path.join(os.path.dirname(tool), "ptxas"), "-arch=sm_90a", "-v", str(ptx),
+                                "-o", str(tmp_path / "ptxas.cubin")], capture_output=True, text=True)
+        return dict(regs=regs, stack=stack, shared=cc.metadata.shared, ptx=cc.asm["ptx"],
+                    ptxas=ptxas.stdout + ptxas.stderr)
     return compile
