@@ -215,7 +215,8 @@ def bench_fp8(profile_dir=None):
 
 
 def _config(kernel, block_m=None):
-    """The autotuned kernel's choice for the key it ran last, e.g. 64x128 w4 s4 (block_m: a fixed BLOCK_M)."""
+    """The autotuner's choice for the key it tuned last (here: the shape just timed), e.g. 64x128 w4 s3
+    (block_m: the kernel's fixed BLOCK_M, where the configs leave it out)."""
     cache = getattr(kernel, "cache", None)
     if not cache:
         return "?"
