@@ -79,6 +79,15 @@ def test_group_limiting_never_selects_outside_kept_groups():
 ROUTE_DEVICES = (["cuda"] if torch.cuda.is_available() else []) + (["cpu"] if moe.fp8.INTERPRET else [])
 
 
+@pytest.mark.parametrize("E, G, TOPK_G, K", [(256, 8, 4, 8), (64, 1, 1, 6), (8, 2, 2, 2)])
+def test_fused_router_kernel_compiles_for_hopper_without_spills(sm90, E, G, TOPK_G, K):
+    """The router kernel at V3's routing (256 experts, 8 groups, top 4 groups, top 8), small's and
+    nano's, compiled for sm_90 here (tests/conftest.py): no spills, no ptxas advisory."""
+    u = sm90(moe._route_topk_kernel, dict(s_ptr="*fp32", bias_ptr="*fp32", idx_ptr="*i64"),
+             dict(E=E, G=G, TOPK_G=TOPK_G, K=K, BLOCK_N=32), 4, 3)
+    assert u["stack"] == 0 and u["regs"] <= 255 and "Performance Loss" not in u["ptxas"], u["regs"]
+
+
 @pytest.mark.parametrize("device", ROUTE_DEVICES or [pytest.param("none", marks=pytest.mark.skip(
     reason="needs CUDA, or TRITON_INTERPRET=1 with Triton installed"))])
 @pytest.mark.parametrize("E, G, M, K", [(64, 8, 4, 6), (256, 8, 4, 8), (8, 4, 2, 2), (64, 1, 1, 6), (16, 2, 1, 3)])
