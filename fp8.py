@@ -741,9 +741,9 @@ def weight_quant_op(ws: list[Tensor], pow2: bool) -> tuple[Tensor, Tensor, Tenso
 
 @weight_quant_op.register_fake
 def _(ws, pow2):
-    *E, _, K = ws[0].shape
-    Np, Kp = sum(_round_up(w.shape[-2]) for w in ws), _round_up(K)
     w = ws[0]
+    *E, _, K = w.shape
+    Np, Kp = sum(_round_up(t.shape[-2]) for t in ws), _round_up(K)
     return (w.new_empty(*E, Np, Kp, dtype=FP8), w.new_empty(*E, Np // BLOCK, Kp // BLOCK, dtype=torch.float32),
             w.new_empty(*E, Kp, Np, dtype=FP8))
 
@@ -1000,7 +1000,8 @@ FPROP_OPS = {torch.ops.fp8.gemm.default, torch.ops.fp8.grouped_gemm.default}   #
 class _FP8ExpertsFn(torch.autograd.Function):
     """The routed experts' SwiGLU, y = w2(silu(w1 x) * w3 x) per expert, all GEMMs in FP8. w1 and
     w3 run as one weight [w1; w3] (E, 2I, D): one Fprop GEMM gives [w1 x | w3 x], one Dgrad GEMM
-    sums both halves' dx, one Wgrad call re-tiles x once for both (9 GEMMs become 6 launches)."""
+    sums both halves' dx, one Wgrad call re-tiles x once for both (9 GEMMs become 7 launches:
+    four row-grouped, three Wgrad)."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, w3, offs, out_dtype, x_fp8, x_s):

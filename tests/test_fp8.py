@@ -750,8 +750,8 @@ def test_triton_experts_read_no_counts_on_the_host(device, monkeypatch):
 @pytest.mark.parametrize("impl", ["loop"] + (["triton"] if DEVICES else []))
 def test_fp8_experts_build_their_tables_once(impl, monkeypatch):
     """fp8_experts builds its tile tables once per layer, not once per GEMM: the row tiles in the
-    forward for the six row GEMMs (Triton path only), the Wgrad token tiles in the backward for the
-    three Wgrads; the result is the same as with tables built inside each op."""
+    forward for the four row GEMMs (Triton path only), the Wgrad token tiles in the backward for the
+    two Wgrad calls; the result is the same as with tables built inside each op."""
     device = DEVICES[0] if impl == "triton" else "cpu"
     x, w1, w2, w3, offs = (t.to(device) for t in _experts_case([3, 200, 0, 64], uncovered=45))
     dy = torch.randn_like(x)
@@ -863,6 +863,7 @@ def test_fp8_experts_gpu_matches_torch_path(grouped):
 
 SMEM_LIMIT = 232448        # bytes of shared memory one CTA may have on sm_90 (227 KB)
 FP8_PTR, BF16_PTR, F32_PTR, I32_PTR = "*fp8e4nv", "*bf16", "*fp32", "*i32"
+GEMM_PTRS = dict(a_ptr=FP8_PTR, b_ptr=FP8_PTR, c_ptr=BF16_PTR, as_ptr=F32_PTR, bs_ptr=F32_PTR)
 
 
 def _configs(kernel):
@@ -891,13 +892,12 @@ def test_kernels_compile_for_hopper_without_spills(sm90):
             sm90, fp8._act_quant_t_kernel, dict(x_ptr=FP8_PTR if has_xs else BF16_PTR, xs_ptr=F32_PTR, y_ptr=FP8_PTR,
                                                 s_ptr=F32_PTR, rows_ptr=I32_PTR),
             dict(HAS_XS=has_xs, BLOCK_M=128, QBLOCK=128, POW2=has_xs), [dict(GROUPED=False), dict(GROUPED=True)])
-    gemm_ptrs = dict(a_ptr=FP8_PTR, b_ptr=FP8_PTR, c_ptr=BF16_PTR, as_ptr=F32_PTR, bs_ptr=F32_PTR)
-    runs["fp8_gemm"] = _compile_all(sm90, fp8._fp8_gemm_kernel, gemm_ptrs, dict(BLOCK_K=128),
+    runs["fp8_gemm"] = _compile_all(sm90, fp8._fp8_gemm_kernel, GEMM_PTRS, dict(BLOCK_K=128),
                                     [dict(B_PER_ROW=False), dict(B_PER_ROW=True)])
-    runs["grouped rows"] = _compile_all(sm90, fp8._fp8_gemm_rows_grouped_kernel, {**gemm_ptrs, "tiles_ptr": I32_PTR},
+    runs["grouped rows"] = _compile_all(sm90, fp8._fp8_gemm_rows_grouped_kernel, {**GEMM_PTRS, "tiles_ptr": I32_PTR},
                                         dict(BLOCK_K=128, BLOCK_M=fp8.GROUPED_BLOCK_M))
     runs["grouped k"] = _compile_all(sm90, fp8._fp8_gemm_k_grouped_kernel,
-                                     {**gemm_ptrs, "c_ptr": F32_PTR, "kblocks_ptr": I32_PTR}, dict(BLOCK_K=128))
+                                     {**GEMM_PTRS, "c_ptr": F32_PTR, "kblocks_ptr": I32_PTR}, dict(BLOCK_K=128))
     assert len(runs["fp8_gemm"]) == 2 * len(fp8._fp8_gemm_kernel.configs) >= 10
     for name, usages in runs.items():
         for cfg, u in usages.items():
@@ -915,10 +915,9 @@ def test_gemm_tile_leaves_room_for_three_ctas_per_sm(sm90):
     for both kernels; the grouped one took 187 (two CTAs) while it returned early for empty tiles.
     The PTX shows why the overlap has to come from other CTAs: each K-block's MMA is waited for
     (wgmma.wait_group 0) before its promotion. A change that costs registers here costs speed."""
-    gemm_ptrs = dict(a_ptr=FP8_PTR, b_ptr=FP8_PTR, c_ptr=BF16_PTR, as_ptr=F32_PTR, bs_ptr=F32_PTR)
     tile = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128)
-    u = sm90(fp8._fp8_gemm_kernel, gemm_ptrs, dict(tile, GROUP_M=8, B_PER_ROW=False), 4, 3)
-    g = sm90(fp8._fp8_gemm_rows_grouped_kernel, {**gemm_ptrs, "tiles_ptr": I32_PTR}, tile, 4, 3)
+    u = sm90(fp8._fp8_gemm_kernel, GEMM_PTRS, dict(tile, GROUP_M=8, B_PER_ROW=False), 4, 3)
+    g = sm90(fp8._fp8_gemm_rows_grouped_kernel, {**GEMM_PTRS, "tiles_ptr": I32_PTR}, tile, 4, 3)
     for usage in (u, g):
         assert usage["regs"] <= 168 and 3 * usage["shared"] <= SMEM_LIMIT, usage["regs"]
     assert u["ptx"].count("wgmma.mma_async") == 4                  # 4 x k32 = one 128-deep block
