@@ -124,6 +124,7 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
     HAS_TRITON = True
 except ImportError:  # a CPU-only install: the torch paths below still work
     HAS_TRITON = False
@@ -441,15 +442,16 @@ def fp8_gemm_ref(a, a_s, b, b_s, out_dtype=torch.bfloat16, out=None):
 
 if HAS_TRITON:
     @triton.jit
-    def _promoted_mma(a_ptr, b_ptr, as_ptr, bs_ptr, offs_m, offs_n, k_lo, k_hi,
-                      stride_am, stride_bn, stride_asm, stride_ask, stride_bsn, stride_bsk,
+    def _promoted_mma(a_desc, b_desc, as_ptr, bs_ptr, row_a, row_b, offs_m, offs_n, k_lo, k_hi,
+                      stride_asm, stride_ask, stride_bsn, stride_bsk,
                       B_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
-        # sum over K-blocks k in [k_lo, k_hi) of (a[m, k] @ b[n, k]^T) * s_a[m, k] * s_b[n, k]
-        # a [M, K] and b [N, K] are both K-major, as Hopper's FP8 WGMMA wants them.
-        offs_k = k_lo * BLOCK_K + tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
-        b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :]
+        # sum over K-blocks k in [k_lo, k_hi) of (a[m, k] @ b[n, k]^T) * s_a[m, k] * s_b[n, k] for
+        # the rows m = row_a.. of a [M, K] and n = row_b.. of b [N, K], both K-major, as Hopper's FP8
+        # WGMMA wants them. a and b come in through TMA descriptors: the copy engine fetches each
+        # (BLOCK, 128) box into shared memory (rows past the tensor's end as zeros), so no thread
+        # holds addresses for them (the 64x128 tile: 166 -> 145 registers a thread; Wgrad's 213 ->
+        # 174). offs_m, offs_n (clamped to the tensor) address the scales.
         as_ptrs = as_ptr + offs_m * stride_asm
         # b in 128x128 blocks (a weight): a tile no wider than a block lies in one of them (tiles
         # start at multiples of BLOCK_N, which divides 128), so one scale per K-block, one multiply
@@ -462,34 +464,40 @@ if HAS_TRITON:
             bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * stride_bsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_lo, k_hi):
-            part = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)))  # tensor cores: one block, FP32 out
+            a, b = a_desc.load([row_a, k * BLOCK_K]), b_desc.load([row_b, k * BLOCK_K])
+            part = tl.dot(a, b.T)                             # tensor cores: one block, FP32 out
             s_a, s_b = tl.load(as_ptrs + k * stride_ask), tl.load(bs_ptrs + k * stride_bsk)
             if not B_PER_ROW and BLOCK_N <= BLOCK_K:
                 acc += part * (s_a * s_b)[:, None]          # promotion: scale, add in FP32 registers
             else:  # two steps: no (BLOCK_M, BLOCK_N) tile of scales in registers (254 -> 213 for Wgrad)
                 acc += (part * s_b[None, :]) * s_a[:, None]
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
         return acc
 
-    def _gemm_configs(group_m=True):
+    def _set_boxes(nargs):
+        # a config's tile decides the boxes the descriptors fetch (the autotuner calls this first)
+        nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+    def _gemm_configs(group_m=True, maxnreg_64x128=None):
         # On the H200 64x128, 4 warps, 3 stages wins at all three benchmark shapes (bench.py fp8,
         # 2026-12-02; 4 stages before the one-scale promotion). Each K-block's MMA is waited for
         # before its promotion (wgmma.wait_group 0 in the PTX), so the tensor cores are kept busy by
-        # other CTAs on the SM: this tile takes 166 registers a thread and 72 KB of shared memory
-        # (sm_90, compiled offline: tests/test_fp8.py), room for three. Wgrad's per-column scales of
-        # b take it to 213 registers (two CTAs); 64x64 x 3 stages to 162 (three). A variant that
-        # issued block k+1's MMA before promoting block k lost everywhere: Triton still waits at once.
+        # other CTAs on the SM: this tile takes 155 registers a thread with TMA loads (166 with
+        # pointer loads) and 72 KB of shared memory (sm_90, compiled offline: tests/test_fp8.py),
+        # room for three. Wgrad's per-column scales of b take the grouped one to 174 (FP32 out), so
+        # maxnreg_64x128=168 caps it for the third CTA (164, no spills). A variant that issued block
+        # k+1's MMA before promoting block k lost everywhere: Triton still waits at once.
         def cfg(bm, bn, w, st):
             meta = {"BLOCK_M": bm, "BLOCK_N": bn, **({"GROUP_M": 8} if group_m else {})}
-            return triton.Config(meta, num_warps=w, num_stages=st)
+            cap = maxnreg_64x128 if (bm, bn, w) == (64, 128, 4) else None
+            return triton.Config(meta, num_warps=w, num_stages=st, maxnreg=cap, pre_hook=_set_boxes)
         return [cfg(64, 128, 4, 3), cfg(64, 128, 4, 4), cfg(128, 128, 8, 3), cfg(64, 128, 4, 5),
                 cfg(64, 256, 8, 4), cfg(64, 64, 4, 3), cfg(64, 64, 4, 5), cfg(128, 64, 4, 4)]
 
     @_tuned(_gemm_configs(), key=["N", "K", "B_PER_ROW"])
     @triton.jit
-    def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
-                         stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
+    def _fp8_gemm_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr, M, N, K,
+                         stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
                          B_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # c (M, N) = a (M, K) @ b (N, K)^T, one (BLOCK_M, BLOCK_N) tile per program
@@ -501,26 +509,27 @@ if HAS_TRITON:
         pid_n = (pid % (GROUP_M * num_n)) // size_m
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _promoted_mma(a_ptr, b_ptr, as_ptr, bs_ptr, tl.minimum(offs_m, M - 1), tl.minimum(offs_n, N - 1),
-                            0, K // BLOCK_K, stride_am, stride_bn, stride_asm, stride_ask, stride_bsn,
-                            stride_bsk, B_PER_ROW, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _promoted_mma(a_desc, b_desc, as_ptr, bs_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                            tl.minimum(offs_m, M - 1), tl.minimum(offs_n, N - 1), 0, K // BLOCK_K,
+                            stride_asm, stride_ask, stride_bsn, stride_bsk, B_PER_ROW, BLOCK_M, BLOCK_N, BLOCK_K)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
     # BLOCK_M is fixed by the tile table (row_tiles); the rest is tuned per (N, K)
-    @_tuned([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+    @_tuned([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_set_boxes)
              for bn, w, st in ((128, 4, 3), (128, 4, 4), (128, 4, 5), (256, 8, 4), (64, 4, 3), (64, 4, 5))],
             key=["N", "K"])
     @triton.jit
-    def _fp8_gemm_rows_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tiles_ptr, num_tiles, num_experts,
-                                      N, K, stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_ask,
-                                      stride_bse, stride_bsn, stride_bsk, BLOCK_M: tl.constexpr,
-                                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # Fprop/Dgrad of the routed experts: rows of a sorted by expert, b (E, N, K) stacked.
+    def _fp8_gemm_rows_grouped_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr, tiles_ptr, num_tiles, num_experts,
+                                      N, K, stride_cm, stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
+                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Fprop/Dgrad of the routed experts: rows of a sorted by expert, b (E, N, K) stacked and
+        # seen as (E N, K) by its descriptor (a box past expert e's N rows reads e + 1's: only into
+        # columns >= N, which are not stored).
         # tiles (3, num_tiles): expert, first row, end row of each tile of at most BLOCK_M rows,
         # built on the device (_group_tiles); the grid covers a bound, so some tiles are empty.
         t, pid_n = tl.program_id(0), tl.program_id(1)
-        e = tl.load(tiles_ptr + t).to(tl.int64)
+        e = tl.load(tiles_ptr + t)
         row0, row_end = tl.load(tiles_ptr + num_tiles + t), tl.load(tiles_ptr + 2 * num_tiles + t)
         # "expert" E owns the rows past offs[-1]: no K-blocks are summed (b[E] is never read), zeros.
         # A tile past the last real one (row0 == row_end) sums none either and stores nothing. (An
@@ -529,19 +538,17 @@ if HAS_TRITON:
         k_blocks = tl.where((e < num_experts) & (row0 < row_end), K // BLOCK_K, 0)
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _promoted_mma(a_ptr, b_ptr + e * stride_be, as_ptr, bs_ptr + e * stride_bse,
+        acc = _promoted_mma(a_desc, b_desc, as_ptr, bs_ptr + e.to(tl.int64) * stride_bse, row0, e * N + pid_n * BLOCK_N,
                             tl.minimum(offs_m, tl.maximum(row_end - 1, 0)), tl.minimum(offs_n, N - 1), 0, k_blocks,
-                            stride_am, stride_bn, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                            False, BLOCK_M, BLOCK_N, BLOCK_K)
+                            stride_asm, stride_ask, stride_bsn, stride_bsk, False, BLOCK_M, BLOCK_N, BLOCK_K)
         mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
-    @_tuned(_gemm_configs(group_m=False), key=["M", "N"])
+    @_tuned(_gemm_configs(group_m=False, maxnreg_64x128=168), key=["M", "N"])
     @triton.jit
-    def _fp8_gemm_k_grouped_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, kblocks_ptr, M, N,
-                                   stride_am, stride_bn, stride_ce, stride_cm, stride_asm, stride_ask,
-                                   stride_bsn, stride_bsk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                   BLOCK_K: tl.constexpr):
+    def _fp8_gemm_k_grouped_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr, kblocks_ptr, M, N,
+                                   stride_ce, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Wgrad of the routed experts: c[e] = a[:, tokens of e] @ b[:, tokens of e]^T, where each
         # expert's tokens are whole K-blocks kblocks[e] .. kblocks[e+1] (padded per expert).
         pid, e = tl.program_id(0), tl.program_id(1)
@@ -550,12 +557,21 @@ if HAS_TRITON:
         k_lo, k_hi = tl.load(kblocks_ptr + e), tl.load(kblocks_ptr + e + 1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _promoted_mma(a_ptr, b_ptr, as_ptr, bs_ptr, tl.minimum(offs_m, M - 1), tl.minimum(offs_n, N - 1),
-                            k_lo, k_hi, stride_am, stride_bn, stride_asm, stride_ask, stride_bsn,
-                            stride_bsk, True, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _promoted_mma(a_desc, b_desc, as_ptr, bs_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                            tl.minimum(offs_m, M - 1), tl.minimum(offs_n, N - 1), k_lo, k_hi,
+                            stride_asm, stride_ask, stride_bsn, stride_bsk, True, BLOCK_M, BLOCK_N, BLOCK_K)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def _tma(t):
+    """A TMA descriptor of the 2-D K-major FP8 operand t, for the GEMM kernels' loads; the tuned
+    config sets the box it fetches (_set_boxes). TMA wants a 16-byte aligned base and row stride
+    (K a multiple of 128 gives the stride; a view that starts off 16 bytes is copied)."""
+    if t.data_ptr() % 16 or t.stride(0) % 16:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [BLOCK, BLOCK])
 
 
 def fp8_gemm_triton(a, a_s, b, b_s, out_dtype=torch.bfloat16, out=None):
@@ -568,7 +584,7 @@ def fp8_gemm_triton(a, a_s, b, b_s, out_dtype=torch.bfloat16, out=None):
     if M == 0 or N == 0 or K == 0:
         return c.zero_()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _fp8_gemm_kernel[grid](a, b, c, a_s, b_s, M, N, K, a.stride(0), b.stride(0), c.stride(0),
+    _fp8_gemm_kernel[grid](_tma(a), _tma(b), c, a_s, b_s, M, N, K, c.stride(0),
                            a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
                            B_PER_ROW=per_row, BLOCK_K=BLOCK)
     return c
@@ -920,8 +936,8 @@ def fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype=torch.bfloat16, tiles=
     if tiles.shape != (3, _max_tiles(M, E + 1, GROUPED_BLOCK_M)):
         raise ValueError(f"fp8: tiles {tuple(tiles.shape)} are not row_tiles(offs, M={M}) for {E} experts")
     grid = lambda meta: (tiles.shape[1], triton.cdiv(N, meta["BLOCK_N"]))   # noqa: E731
-    _fp8_gemm_rows_grouped_kernel[grid](a, b, c, a_s, b_s, tiles, tiles.shape[1], E, N, K, a.stride(0),
-                                        b.stride(0), b.stride(1), c.stride(0), a_s.stride(0), a_s.stride(1),
+    _fp8_gemm_rows_grouped_kernel[grid](_tma(a), _tma(b.reshape(E * N, K)), c, a_s, b_s, tiles, tiles.shape[1],
+                                        E, N, K, c.stride(0), a_s.stride(0), a_s.stride(1),
                                         b_s.stride(0), b_s.stride(1), b_s.stride(2), BLOCK_K=BLOCK,
                                         BLOCK_M=GROUPED_BLOCK_M)
     return c
@@ -944,9 +960,10 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
                 c[e].zero_()                                       # an expert that got no tokens
         return c
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), E)   # noqa: E731
-    _fp8_gemm_k_grouped_kernel[grid](a, b, c, a_s, b_s, kblocks, M, N, a.stride(0), b.stride(0), c.stride(0),
-                                     c.stride(1), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
-                                     BLOCK_K=BLOCK)
+    if M == 0 or N == 0 or a.shape[1] == 0:   # no rows, or no tokens at all: zeros (a descriptor needs a size)
+        return c.zero_()
+    _fp8_gemm_k_grouped_kernel[grid](_tma(a), _tma(b), c, a_s, b_s, kblocks, M, N, c.stride(0), c.stride(1),
+                                     a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), BLOCK_K=BLOCK)
     return c
 
 

@@ -863,18 +863,20 @@ def test_fp8_experts_gpu_matches_torch_path(grouped):
 
 SMEM_LIMIT = 232448        # bytes of shared memory one CTA may have on sm_90 (227 KB)
 FP8_PTR, BF16_PTR, F32_PTR, I32_PTR = "*fp8e4nv", "*bf16", "*fp32", "*i32"
-GEMM_PTRS = dict(a_ptr=FP8_PTR, b_ptr=FP8_PTR, c_ptr=BF16_PTR, as_ptr=F32_PTR, bs_ptr=F32_PTR)
+# the GEMMs' operands are TMA descriptors whose box is the config's tile (fp8._set_boxes)
+GEMM_PTRS = dict(a_desc="tensordesc<fp8e4nv[{BLOCK_M}, {BLOCK_K}]>", b_desc="tensordesc<fp8e4nv[{BLOCK_N}, {BLOCK_K}]>",
+                 c_ptr=BF16_PTR, as_ptr=F32_PTR, bs_ptr=F32_PTR)
 
 
 def _configs(kernel):
-    return [(c.kwargs, c.num_warps, c.num_stages) for c in kernel.configs]
+    return [(c.kwargs, c.num_warps, c.num_stages, c.maxnreg) for c in kernel.configs]
 
 
 def _compile_all(sm90, kernel, pointers, constexprs, variants=({},)):
     """Every autotune config (or the launch's own) x every constexpr variant; returns their usages."""
-    configs = _configs(kernel) if hasattr(kernel, "configs") else [({}, 8, 3)]
-    return {(tuple(kw.items()), w, st, tuple(v.items())): sm90(kernel, pointers, {**constexprs, **kw, **v}, w, st)
-            for kw, w, st in configs for v in variants}
+    configs = _configs(kernel) if hasattr(kernel, "configs") else [({}, 8, 3, None)]
+    return {(tuple(kw.items()), w, st, tuple(v.items())): sm90(kernel, pointers, {**constexprs, **kw, **v}, w, st, r)
+            for kw, w, st, r in configs for v in variants}
 
 
 def test_kernels_compile_for_hopper_without_spills(sm90):
@@ -908,17 +910,24 @@ def test_kernels_compile_for_hopper_without_spills(sm90):
 
 
 def test_gemm_tile_leaves_room_for_three_ctas_per_sm(sm90):
-    """The dense and grouped Fprop/Dgrad GEMMs' best tile on the H200 (64x128, 4 warps, 3 stages:
-    bench.py fp8, 2026-12-02) relies on three CTAs sharing an SM, some promoting while others
-    multiply: that needs at most 65536 / (3 x 128) = 170 registers a thread (168, as they are
-    allocated in eights) and 3 x 72 KB of shared memory. Measured: 166 registers and 73,728 bytes
-    for both kernels; the grouped one took 187 (two CTAs) while it returned early for empty tiles.
-    The PTX shows why the overlap has to come from other CTAs: each K-block's MMA is waited for
+    """The GEMMs' best tile on the H200 (64x128, 4 warps, 3 stages: bench.py fp8, 2026-12-02)
+    relies on three CTAs sharing an SM, some promoting while others multiply: that needs at most
+    65536 / (3 x 128) = 170 registers a thread (168, as they are allocated in eights) and 3 x 72 KB
+    of shared memory. With TMA loads (the copy engine fetches the operands; no thread holds their
+    addresses) the dense kernel takes 155 registers, the grouped Fprop/Dgrad 145, and the grouped
+    Wgrad 174, capped to 164 without spills by its config's maxnreg=168; with pointer loads they
+    took 166, 166 (187 while it returned early for empty tiles) and 213, two CTAs for Wgrad. The
+    PTX shows why the overlap has to come from other CTAs: each K-block's MMA is waited for
     (wgmma.wait_group 0) before its promotion. A change that costs registers here costs speed."""
     tile = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128)
+    wgrad_cfg, = [c for c in fp8._fp8_gemm_k_grouped_kernel.configs
+                  if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (64, 128, 4, 3)]
     u = sm90(fp8._fp8_gemm_kernel, GEMM_PTRS, dict(tile, GROUP_M=8, B_PER_ROW=False), 4, 3)
     g = sm90(fp8._fp8_gemm_rows_grouped_kernel, {**GEMM_PTRS, "tiles_ptr": I32_PTR}, tile, 4, 3)
-    for usage in (u, g):
-        assert usage["regs"] <= 168 and 3 * usage["shared"] <= SMEM_LIMIT, usage["regs"]
+    w = sm90(fp8._fp8_gemm_k_grouped_kernel, {**GEMM_PTRS, "c_ptr": F32_PTR, "kblocks_ptr": I32_PTR}, tile, 4, 3,
+             wgrad_cfg.maxnreg)
+    for usage in (u, g, w):
+        assert usage["regs"] <= 168 and usage["stack"] == 0 and 3 * usage["shared"] <= SMEM_LIMIT, usage["regs"]
+        assert "cp.async.bulk.tensor.2d" in usage["ptx"]            # the operands arrive by TMA
     assert u["ptx"].count("wgmma.mma_async") == 4                  # 4 x k32 = one 128-deep block
     assert "wgmma.wait_group.sync.aligned 0;" in u["ptx"]
