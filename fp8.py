@@ -450,7 +450,7 @@ if HAS_TRITON:
         # the rows m = row_a.. of a [M, K] and n = row_b.. of b [N, K], both K-major, as Hopper's FP8
         # WGMMA wants them. a and b come in through TMA descriptors: the copy engine fetches each
         # (BLOCK, 128) box into shared memory (rows past the tensor's end as zeros), so no thread
-        # holds addresses for them (the 64x128 tile: 166 -> 145 registers a thread; Wgrad's 213 ->
+        # holds addresses for them (64x128 tiles: dense 166 -> 155 registers a thread, grouped 166 -> 145, Wgrad 213 ->
         # 174). offs_m, offs_n (clamped to the tensor) address the scales.
         as_ptrs = as_ptr + offs_m * stride_asm
         # b in 128x128 blocks (a weight): a tile no wider than a block lies in one of them (tiles
