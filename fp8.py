@@ -450,8 +450,8 @@ if HAS_TRITON:
         # the rows m = row_a.. of a [M, K] and n = row_b.. of b [N, K], both K-major, as Hopper's FP8
         # WGMMA wants them. a and b come in through TMA descriptors: the copy engine fetches each
         # (BLOCK, 128) box into shared memory (rows past the tensor's end as zeros), so no thread
-        # holds addresses for them (64x128 tiles: dense 166 -> 155 registers a thread, grouped 166 -> 145, Wgrad 213 ->
-        # 174). offs_m, offs_n (clamped to the tensor) address the scales.
+        # holds addresses for them (64x128 tiles: dense 166 -> 155 registers a thread, grouped
+        # 166 -> 145, Wgrad 213 -> 174). offs_m, offs_n (clamped to the tensor) address the scales.
         as_ptrs = as_ptr + offs_m * stride_asm
         # b in 128x128 blocks (a weight): a tile no wider than a block lies in one of them (tiles
         # start at multiples of BLOCK_N, which divides 128), so one scale per K-block, one multiply
@@ -930,8 +930,8 @@ def fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype=torch.bfloat16, tiles=
                 fp8_gemm(a[s:t], a_s[s:t], b[e], b_s[e], out_dtype, out=c[s:t])
         return c
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)     # every row is in one tile: all written
-    if M == 0 or N == 0:  # (an expert-parallel rank can get no rows) then every tile would be empty
-        return c
+    if M == 0 or N == 0 or K == 0:  # (an expert-parallel rank can get no rows; a descriptor needs a size)
+        return c.zero_()
     tiles = row_tiles(offs, M) if tiles is None else tiles     # (3, cdiv(M, BLOCK_M) + E)
     if tiles.shape != (3, _max_tiles(M, E + 1, GROUPED_BLOCK_M)):
         raise ValueError(f"fp8: tiles {tuple(tiles.shape)} are not row_tiles(offs, M={M}) for {E} experts")
@@ -959,9 +959,9 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
             else:
                 c[e].zero_()                                       # an expert that got no tokens
         return c
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), E)   # noqa: E731
     if M == 0 or N == 0 or a.shape[1] == 0:   # no rows, or no tokens at all: zeros (a descriptor needs a size)
         return c.zero_()
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), E)   # noqa: E731
     _fp8_gemm_k_grouped_kernel[grid](_tma(a), _tma(b), c, a_s, b_s, kblocks, M, N, c.stride(0), c.stride(1),
                                      a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), BLOCK_K=BLOCK)
     return c
