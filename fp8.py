@@ -226,6 +226,21 @@ if HAS_TRITON:
         # tile's largest |x| times 1/s is at most 448 (1 + 2^-22), which rounds to 448.
         return x * tl.math.div_rn(1.0, s)
 
+    @triton.jit
+    def _store_quant_rows(x, y_ptrs, s_ptrs, mask_m, POW2: tl.constexpr):
+        # x (rows, 128) in FP32 stored as 1x128 tiles: one scale a row (rows outside mask_m skipped)
+        s = _scale_of(tl.max(tl.abs(x), axis=1), POW2)
+        tl.store(y_ptrs, _scaled(x, s[:, None]).to(y_ptrs.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(s_ptrs, s, mask=mask_m)
+
+    @triton.jit
+    def _store_quant_cols(x, y_ptrs, s_ptrs, POW2: tl.constexpr):
+        # x (128 tokens, channels) in FP32 stored as 128x1 tiles: one scale a channel; y_ptrs point
+        # into the transposed output, (channels, tokens)
+        s = _scale_of(tl.max(tl.abs(x), axis=0), POW2)
+        tl.store(y_ptrs, _scaled(x, s[None, :]).to(y_ptrs.dtype.element_ty))
+        tl.store(s_ptrs, s)
+
     def _tuned(configs, key):
         """Autotune on the GPU; under the interpreter (which cannot time kernels) take the first."""
         return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)
@@ -239,13 +254,10 @@ if HAS_TRITON:
         pid_m, pid_k = tl.program_id(0), tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask = (offs_m < M)[:, None]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        s = _scale_of(tl.max(tl.abs(x), axis=1), POW2)                          # (BLOCK_M,)
-        y = _scaled(x, s[:, None])
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + offs_m * stride_sm + pid_k * stride_sk, s, mask=offs_m < M)
+        mask_m = offs_m < M
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        _store_quant_rows(x.to(tl.float32), y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :],
+                          s_ptr + offs_m * stride_sm + pid_k * stride_sk, mask_m, POW2)
 
     @triton.jit
     def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, NB, stride_we, stride_wn, stride_wk, stride_ye, stride_yn,
@@ -289,11 +301,9 @@ if HAS_TRITON:
             xs = tl.load(xs_ptr + offs_m * stride_xsm + (pid_k * BLOCK_K // QBLOCK) * stride_xsk,
                          mask=mask_m, other=0.0)
             x = x * xs[:, None]
-        s = _scale_of(tl.max(tl.abs(x), axis=0), POW2)                          # (BLOCK_K,)
-        y = _scaled(x, s[None, :])
         offs_out = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        tl.store(y_ptr + offs_k[None, :] * stride_yk + offs_out[:, None], y.to(y_ptr.dtype.element_ty))
-        tl.store(s_ptr + pid_m * stride_smb + offs_k, s)
+        _store_quant_cols(x, y_ptr + offs_k[None, :] * stride_yk + offs_out[:, None], s_ptr + pid_m * stride_smb + offs_k,
+                          POW2)
 
 
 def _mmajor_empty(M, KB, device):
@@ -974,6 +984,176 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
     return c
 
 
+# The SwiGLU between the up- and down-projections, fused with the quantizations around it. Unfused,
+# the forward writes a = silu(h1) h3 in BF16 and reads it back to quantize it, and reads h again to
+# cache it in FP8; the backward writes dh and the recomputed a in FP32 and reads dh twice (1x128 for
+# Dgrad, 128x1 for Wgrad) and a once. These kernels read each input once: h in the forward; dL/da
+# and the FP8 cache of h in the backward. swiglu_quant_ref and swiglu_backward_ref are their twins.
+
+if HAS_TRITON:
+    @triton.jit
+    def _sigmoid(x):
+        # 1 / (1 + e^-x) with the approximate division (2 ulp): an IEEE division an element would make
+        # these kernels issue-bound (see _scaled); FP8's rounding is 2^-4
+        return tl.math.fdiv(1.0, 1.0 + tl.exp(-x), ieee_rounding=False)
+
+    # 64 x 4 warps and 128 x 8 spill on sm_90; these do not (100 to 197 registers)
+    @_tuned([triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in ((32, 4), (16, 4), (32, 8), (64, 8))],
+            key=["I"])
+    @triton.jit
+    def _swiglu_quant_kernel(h_ptr, hq_ptr, hs_ptr, aq_ptr, as_ptr, M, I, stride_hm, stride_hsm, stride_hsk,
+                             stride_am, stride_asm, stride_ask, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                             POW2: tl.constexpr):
+        # one program: BLOCK_M rows x channels c*128 .. c*128 + 127 of h1 = h[:, :I] and h3 = h[:, I:]
+        pid_m, c = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        at = offs_m[:, None] * stride_hm + offs_k[None, :]             # h and its FP8 copy share strides
+        h1 = tl.load(h_ptr + at, mask=mask_m[:, None], other=0.0).to(tl.float32)
+        h3 = tl.load(h_ptr + at + I, mask=mask_m[:, None], other=0.0).to(tl.float32)
+        hs = hs_ptr + offs_m * stride_hsm
+        _store_quant_rows(h1, hq_ptr + at, hs + c * stride_hsk, mask_m, POW2)               # the FP8 cache
+        _store_quant_rows(h3, hq_ptr + at + I, hs + (I // BLOCK_K + c) * stride_hsk, mask_m, POW2)
+        a = h1 * _sigmoid(h1) * h3                                                          # silu(h1) h3
+        _store_quant_rows(a, aq_ptr + offs_m[:, None] * stride_am + offs_k[None, :],
+                          as_ptr + offs_m * stride_asm + c * stride_ask, mask_m, POW2)
+
+    @triton.jit
+    def _swiglu_grads(da_ptr, hq_ptr, hs_ptr, offs_m, mask_m, offs_k, c, I, stride_dam, stride_hm, stride_hsm,
+                      stride_hsk, BLOCK_K: tl.constexpr):
+        # dh1, dh3 and a = silu(h1) h3 at rows offs_m (those outside mask_m are zeros), channels offs_k
+        at = offs_m[:, None] * stride_hm + offs_k[None, :]
+        hs = hs_ptr + offs_m * stride_hsm
+        s1 = tl.load(hs + c * stride_hsk, mask=mask_m, other=0.0)
+        s3 = tl.load(hs + (I // BLOCK_K + c) * stride_hsk, mask=mask_m, other=0.0)
+        h1 = tl.load(hq_ptr + at, mask=mask_m[:, None], other=0.0).to(tl.float32) * s1[:, None]
+        h3 = tl.load(hq_ptr + at + I, mask=mask_m[:, None], other=0.0).to(tl.float32) * s3[:, None]
+        da = tl.load(da_ptr + offs_m[:, None] * stride_dam + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        sig = _sigmoid(h1)
+        return da * h3 * sig * (1 + h1 * (1 - sig)), da * h1 * sig, h1 * sig * h3   # silu' = sig (1 + h1 (1 - sig))
+
+    # CHUNK tokens x 128 channels at a time: 16 x 4 warps takes 241 registers, 32 x 8 warps 255, no
+    # spills (sm_90, tests/test_fp8.py); 32 x 4 warps spills
+    @_tuned([triton.Config({"CHUNK": ch}, num_warps=w) for ch, w in ((16, 4), (32, 8))], key=["I"])
+    @triton.jit
+    def _swiglu_backward_kernel(da_ptr, hq_ptr, hs_ptr, dh_ptr, dhs_ptr, dhT_ptr, dhTs_ptr, aT_ptr, aTs_ptr,
+                                rows_ptr, I, stride_dam, stride_hm, stride_hsm, stride_hsk, stride_dhsm, stride_dhsk,
+                                stride_dhTk, stride_dhTsb, stride_aTk, stride_aTsb, BLOCK_M: tl.constexpr,
+                                BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr):
+        # one program: one 128-token block j of the Wgrad layout (rows row0 .. row_end of one expert,
+        # rows (2, blocks) as in _act_quant_t_kernel) x channels c*128 .. c*128 + 127 of h1, h3 and a.
+        # A 128 x 128 block of the five tensors does not fit in registers, so it goes in chunks of
+        # CHUNK tokens, twice: the first pass stores dh's 1x128 tiles (a chunk holds whole rows) and
+        # takes each channel's max over the 128 tokens; the second recomputes the chunk (its inputs
+        # come from L2) and stores the 128x1 tiles of dh and a.
+        j, c = tl.program_id(0), tl.program_id(1)
+        row0 = tl.load(rows_ptr + j)
+        row_end = tl.load(rows_ptr + tl.num_programs(0) + j)
+        offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+        amax1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        amax3 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        amaxa = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for r in range(0, BLOCK_M, CHUNK):
+            offs_m = row0 + r + tl.arange(0, CHUNK)
+            mask_m = offs_m < row_end
+            dh1, dh3, a = _swiglu_grads(da_ptr, hq_ptr, hs_ptr, offs_m, mask_m, offs_k, c, I, stride_dam, stride_hm,
+                                        stride_hsm, stride_hsk, BLOCK_K)
+            at = offs_m[:, None] * stride_hm + offs_k[None, :]         # dh shares the cache's strides
+            dhs = dhs_ptr + offs_m * stride_dhsm
+            _store_quant_rows(dh1, dh_ptr + at, dhs + c * stride_dhsk, mask_m, POW2)            # for Dgrad
+            _store_quant_rows(dh3, dh_ptr + at + I, dhs + (I // BLOCK_K + c) * stride_dhsk, mask_m, POW2)
+            amax1 = tl.maximum(amax1, tl.max(tl.abs(dh1), axis=0))
+            amax3 = tl.maximum(amax3, tl.max(tl.abs(dh3), axis=0))
+            amaxa = tl.maximum(amaxa, tl.max(tl.abs(a), axis=0))
+        s1, s3, sa = _scale_of(amax1, POW2), _scale_of(amax3, POW2), _scale_of(amaxa, POW2)
+        tl.store(dhTs_ptr + j * stride_dhTsb + offs_k, s1)
+        tl.store(dhTs_ptr + j * stride_dhTsb + I + offs_k, s3)
+        tl.store(aTs_ptr + j * stride_aTsb + offs_k, sa)
+        for r in range(0, BLOCK_M, CHUNK):
+            offs_m = row0 + r + tl.arange(0, CHUNK)
+            dh1, dh3, a = _swiglu_grads(da_ptr, hq_ptr, hs_ptr, offs_m, offs_m < row_end, offs_k, c, I, stride_dam,
+                                        stride_hm, stride_hsm, stride_hsk, BLOCK_K)
+            cols = j * BLOCK_M + r + tl.arange(0, CHUNK)               # the chunk's tokens in the outputs
+            dhT = dhT_ptr + offs_k[None, :] * stride_dhTk + cols[:, None]                       # for Wgrad
+            tl.store(dhT, _scaled(dh1, s1[None, :]).to(dhT_ptr.dtype.element_ty))
+            tl.store(dhT + I * stride_dhTk, _scaled(dh3, s3[None, :]).to(dhT_ptr.dtype.element_ty))
+            tl.store(aT_ptr + offs_k[None, :] * stride_aTk + cols[:, None], _scaled(a, sa[None, :]).to(aT_ptr.dtype.element_ty))
+
+
+def swiglu_quant_ref(h, pow2=False):
+    """Plain torch: h (M, 2I) = [h1 | h3] -> its FP8 cache h_fp8, h_s and a = silu(h1) h3 (in FP32)
+    quantized, a_fp8, a_s; 1x128 tiles, scales M-major."""
+    I = h.shape[1] // 2
+    h_fp8, h_s = act_quant_ref(h, pow2=pow2)
+    h = h.float()
+    a_fp8, a_s = act_quant_ref(F.silu(h[:, :I]) * h[:, I:], pow2=pow2)
+    return h_fp8, _mmajor(h_s), a_fp8, _mmajor(a_s)
+
+
+def swiglu_quant(h, pow2=False, out_dtype=FP8):
+    """The routed experts' forward between their GEMMs: h (M, 2I) = [h1 | h3] (the Fprop of [w1; w3])
+    -> h_fp8, h_s (h's FP8 cache for the backward) and a_fp8, a_s (a = silu(h1) h3, the input of
+    w2), 1x128 tiles, scales M-major; I a multiple of 128. One kernel reads h once. out_dtype:
+    as for act_quant."""
+    M, I2 = h.shape
+    _check_multiple(I2 // 2, "expert width")
+    if not _use_triton(h, quant_impl):
+        return swiglu_quant_ref(h, pow2)
+    h = h.contiguous()
+    I = I2 // 2
+    h_fp8 = torch.empty(M, I2, dtype=out_dtype, device=h.device)
+    h_s, a_s = _mmajor_empty(M, I2 // BLOCK, h.device), _mmajor_empty(M, I // BLOCK, h.device)
+    a_fp8 = torch.empty(M, I, dtype=out_dtype, device=h.device)
+    if M:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), I // BLOCK)   # noqa: E731
+        _swiglu_quant_kernel[grid](h, h_fp8, h_s, a_fp8, a_s, M, I, h.stride(0), h_s.stride(0), h_s.stride(1),
+                                   a_fp8.stride(0), a_s.stride(0), a_s.stride(1), BLOCK_K=BLOCK, POW2=pow2)
+    return h_fp8, h_s, a_fp8, a_s
+
+
+def swiglu_backward_ref(da, h_fp8, h_s, tiles, pow2=False):
+    """Plain torch twin of swiglu_backward, written as the steps it fuses."""
+    I = da.shape[1]
+    h = act_dequant(h_fp8, h_s)                                     # the FP8 cache, (M, 2I)
+    h1, h3 = h[:, :I], h[:, I:]
+    sig = torch.sigmoid(h1)
+    a = h1 * sig * h3                                               # the SwiGLU output, recomputed
+    dh = torch.cat([da * h3 * sig * (1 + h1 * (1 - sig)), da * h1 * sig], 1)   # [dh1 | dh3]
+    dh_fp8, dh_s = act_quant_ref(dh, pow2=pow2)
+    (dhT, dhT_s), (aT, aT_s) = (act_quant_t(t, pow2=pow2, tiles=tiles) for t in (dh, a))
+    return dh_fp8, _mmajor(dh_s), dhT, _mmajor(dhT_s), aT, _mmajor(aT_s)
+
+
+def swiglu_backward(da, h_fp8, h_s, tiles, pow2=False, out_dtype=FP8):
+    """The routed experts' backward between their GEMMs: from da = dL/da (M, I) (w2's Dgrad, FP32)
+    and h's FP8 cache h_fp8 (M, 2I), h_s (M, 2I/128), with tiles (3, T) = _group_tiles(offs, M):
+      dh_fp8, dh_s   dh = [dh1 | dh3] (M, 2I) in 1x128 tiles, for the Dgrad of [w1; w3]
+      dhT, dhT_s     dh^T (2I, 128 T) in 128x1 tiles, each expert padded on its own, for their Wgrad
+      aT, aT_s       a^T (I, 128 T) likewise, a = silu(h1) h3 recomputed, for w2's Wgrad
+    (act_quant_t's layouts). The rows of dh_fp8 past offs[-1] are in no tile and are not written
+    (the Dgrad reads none of them). One kernel reads da and the cache once. out_dtype: as for
+    act_quant."""
+    M, I = da.shape
+    _check_multiple(I, "expert width")
+    if not _use_triton(da, quant_impl):
+        return swiglu_backward_ref(da, h_fp8, h_s, tiles, pow2)
+    da = da.contiguous()
+    T = tiles.shape[1]
+    dh_fp8 = torch.empty(M, 2 * I, dtype=out_dtype, device=da.device)
+    dh_s = _mmajor_empty(M, 2 * I // BLOCK, da.device)
+    dhT, dhT_s = torch.empty(2 * I, T * BLOCK, dtype=out_dtype, device=da.device), _mmajor_empty(2 * I, T, da.device)
+    aT, aT_s = torch.empty(I, T * BLOCK, dtype=out_dtype, device=da.device), _mmajor_empty(I, T, da.device)
+    if T:
+        if h_fp8.stride() != (2 * I, 1):
+            raise ValueError(f"fp8.swiglu_backward: h_fp8 must be contiguous (M, 2I), got strides {h_fp8.stride()}")
+        _swiglu_backward_kernel[(T, I // BLOCK)](
+            da, h_fp8, h_s, dh_fp8, dh_s, dhT, dhT_s, aT, aT_s, tiles[1:], I, da.stride(0), h_fp8.stride(0),
+            h_s.stride(0), h_s.stride(1), dh_s.stride(0), dh_s.stride(1), dhT.stride(0), dhT_s.stride(1),
+            aT.stride(0), aT_s.stride(1), BLOCK_M=BLOCK, BLOCK_K=BLOCK, POW2=pow2)
+    return dh_fp8, dh_s, dhT, dhT_s, aT, aT_s
+
+
 # The grouped GEMMs as custom ops. offs (E,) int32 holds the cumulative row ends of the experts'
 # groups and stays on the device: the Triton path builds its tile tables from it there
 # (_group_tiles), and every shape and grid is a function of (M, K, N, E) alone, so the fakes are
@@ -1018,6 +1198,64 @@ def _(dy, dy_s, x, x_s, offs, pow2_dy, pow2_x, out_dtype, tiles=None, kblocks=No
     return [dy.new_empty(offs.shape[0], dy.shape[1] // chunks, x.shape[1], dtype=out_dtype) for _ in range(chunks)]
 
 
+
+@torch.library.custom_op("fp8::quant_t", mutates_args=())
+def quant_t_op(x: Tensor, x_s: Optional[Tensor], pow2: bool, tiles: Tensor) -> tuple[Tensor, Tensor]:
+    """act_quant_t of x (M, K) into the experts' Wgrad layout (tiles from _group_tiles): x^T
+    (K, 128 T) in 128x1 tiles and its scales (K, T); x FP8 in 1x128 tiles with x_s is re-tiled."""
+    with _no_autocast(x):
+        xT, xT_s = act_quant_t(x, x_s, pow2=pow2, tiles=tiles)
+    return xT, _mmajor(xT_s)                                        # (the torch path's are row-major)
+
+
+@quant_t_op.register_fake
+def _(x, x_s, pow2, tiles):
+    K, T = x.shape[1], tiles.shape[1]
+    return x.new_empty(K, T * BLOCK, dtype=FP8), _mmajor_empty(K, T, x.device)
+
+
+@torch.library.custom_op("fp8::grouped_gemm_k", mutates_args=())
+def grouped_gemm_k_op(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, kblocks: Tensor,
+                      out_dtype: torch.dtype) -> Tensor:
+    """fp8_grouped_gemm_k: the experts' Wgrad from operands already in 128x1 tiles (E, N, K)."""
+    with _no_autocast(a):
+        return fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype)
+
+
+@grouped_gemm_k_op.register_fake
+def _(a, a_s, b, b_s, kblocks, out_dtype):
+    return a.new_empty(kblocks.shape[0] - 1, a.shape[0], b.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("fp8::swiglu_quant", mutates_args=())
+def swiglu_quant_op(h: Tensor, pow2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """swiglu_quant: h (M, 2I) -> h_fp8, h_s (the FP8 cache), a_fp8, a_s (w2's input)."""
+    with _no_autocast(h):
+        return swiglu_quant(h, pow2)
+
+
+@swiglu_quant_op.register_fake
+def _(h, pow2):
+    M, I2 = h.shape
+    return (h.new_empty(M, I2, dtype=FP8), _mmajor_empty(M, I2 // BLOCK, h.device),
+            h.new_empty(M, I2 // 2, dtype=FP8), _mmajor_empty(M, I2 // 2 // BLOCK, h.device))
+
+
+@torch.library.custom_op("fp8::swiglu_backward", mutates_args=())
+def swiglu_backward_op(da: Tensor, h_fp8: Tensor, h_s: Tensor, tiles: Tensor,
+                       pow2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """swiglu_backward: dh in 1x128 tiles, dh^T and a^T in 128x1 tiles, from da and h's FP8 cache."""
+    with _no_autocast(da):
+        return swiglu_backward(da, h_fp8, h_s, tiles, pow2)
+
+
+@swiglu_backward_op.register_fake
+def _(da, h_fp8, h_s, tiles, pow2):
+    (M, I), T, dev = da.shape, tiles.shape[1], da.device
+    return (da.new_empty(M, 2 * I, dtype=FP8), _mmajor_empty(M, 2 * I // BLOCK, dev),
+            da.new_empty(2 * I, T * BLOCK, dtype=FP8), _mmajor_empty(2 * I, T, dev),
+            da.new_empty(I, T * BLOCK, dtype=FP8), _mmajor_empty(I, T, dev))
+
 FPROP_OPS = {torch.ops.fp8.gemm.default, torch.ops.fp8.grouped_gemm.default}   # the forward GEMMs (moe.MATMULS)
 
 
@@ -1038,10 +1276,10 @@ class _FP8ExpertsFn(torch.autograd.Function):
             # the Triton kernels' row tiles, for all four row GEMMs (forward and backward); the loop reads offs
             t = row_tiles(offs, x.shape[0]) if _grouped_triton(x) else None   # (3, cdiv(M, BLOCK_M) + E)
             h = grouped_gemm_op(x_fp8, x_s, w13_fp8, w13_s, offs, out_dtype, t)  # Fprop (M, 2I): [h1 | h3]
-            a_fp8, a_s = quant_op(F.silu(h[:, :I]) * h[:, I:], pow2_scales)      # SwiGLU, (M, I)
+            # one pass over h: the SwiGLU inputs cached in FP8 (1x128 tiles of h are those of h1 and
+            # of h3, I % 128 == 0), and a = silu(h1) h3 quantized for w2
+            h_fp8, h_s, a_fp8, a_s = swiglu_quant_op(h, pow2_scales)
             y = grouped_gemm_op(a_fp8, a_s, w2_fp8, w2_s, offs, out_dtype, t)    # Fprop (M, D)
-            # the SwiGLU inputs, cached in FP8: 1x128 tiles of h are those of h1 and of h3 (I % 128 == 0)
-            h_fp8, h_s = quant_op(h, pow2_scales)
         ctx.save_for_backward(x_fp8, x_s, h_fp8, h_s, offs, w13T, w13_s, w2T, w2_s, t)
         ctx.pow2, ctx.dtypes = pow2_scales, (x.dtype, w1.dtype)
         return y
@@ -1052,20 +1290,19 @@ class _FP8ExpertsFn(torch.autograd.Function):
         pow2, (x_dtype, w_dtype) = ctx.pow2, ctx.dtypes
         I = w2T.shape[1]
         with torch.autocast(dy.device.type, enabled=False):
-            tk = _group_tiles(offs, dy.shape[0])                              # Wgrad's token tiles, for both
+            tiles, kblocks = _group_tiles(offs, dy.shape[0])                  # Wgrad's 128-token tiles, for all three
             # the activation gradient before the down-projection: quantized once, for Dgrad and Wgrad
             dy_fp8, dy_s = quant_op(dy.contiguous(), True)                    # (M, D)
             da = grouped_gemm_op(dy_fp8, dy_s, w2T, w2_s.transpose(1, 2), offs, torch.float32, t)  # Dgrad (M, I)
-            h = act_dequant(h_fp8, h_s)                                       # from the FP8 cache, (M, 2I)
-            h1, h3 = h[:, :I], h[:, I:]
-            sig = torch.sigmoid(h1)
-            a = h1 * sig * h3                                                 # the SwiGLU output, recomputed
-            dw2, = grouped_wgrad_op(dy_fp8, dy_s, a, None, offs, True, pow2, w_dtype, *tk)  # Wgrad (E, D, I): dy re-tiled
-            # [dh1 | dh3], silu'(h) = sig (1 + h (1 - sig)); quantized once for the Dgrad and the Wgrad
-            dh = torch.cat([da * h3 * sig * (1 + h1 * (1 - sig)), da * h1 * sig], 1)   # (M, 2I)
-            dh_fp8, dh_s = quant_op(dh, pow2)
+            # one pass from da and the FP8 cache of h: [dh1 | dh3] in 1x128 tiles for the Dgrad and in
+            # 128x1 tiles for the Wgrads, and a = silu(h1) h3, recomputed, in 128x1 tiles for w2's
+            dh_fp8, dh_s, dhT, dhT_s, aT, aT_s = swiglu_backward_op(da, h_fp8, h_s, tiles, pow2)
             dx = grouped_gemm_op(dh_fp8, dh_s, w13T, w13_s.transpose(1, 2), offs, x_dtype, t)  # Dgrad (M, D), over 2I
-            dw1, dw3 = grouped_wgrad_op(dh, None, x_fp8, x_s, offs, pow2, True, w_dtype, *tk, chunks=2)  # x re-tiled
+            dyT, dyT_s = quant_t_op(dy_fp8, dy_s, True, tiles)                # dy and x re-tiled from FP8
+            xT, xT_s = quant_t_op(x_fp8, x_s, True, tiles)                    # (power-of-two scales: lossless)
+            dw2 = grouped_gemm_k_op(dyT, dyT_s, aT, aT_s, kblocks, w_dtype)                   # Wgrad (E, D, I)
+            dw1 = grouped_gemm_k_op(dhT[:I], dhT_s[:I], xT, xT_s, kblocks, w_dtype)          # Wgrad (E, I, D)
+            dw3 = grouped_gemm_k_op(dhT[I:], dhT_s[I:], xT, xT_s, kblocks, w_dtype)
         return dx, dw1, dw2, dw3, None, None, None, None
 
 

@@ -476,23 +476,27 @@ def test_fp8_experts_against_fp64():
 def test_fp8_experts_quantize_x_once_and_cache_the_swiglu_inputs_in_fp8():
     """3.3.3: x is quantized once for w1 and w3, with power-of-two scales; what backward keeps of the
     activations is x and [w1 x | w3 x] in FP8 (no BF16/FP32 copy of any of them, nor of the SwiGLU
-    output); the gradient before w2 is quantized once, with power-of-two scales, and [dh1 | dh3]
-    once for its Dgrad."""
+    output), written with the SwiGLU's quantized output by one op; the gradient before w2 is
+    quantized once, with power-of-two scales, and [dh1 | dh3] and the recomputed SwiGLU output come
+    out of one op in both tilings (no quantization of them on their own)."""
     x, w1, w2, w3, offs = _experts_case([130, 0, 37, 89], I=384)   # D, I and 2I tell the quantizations apart
     (M, D), I = x.shape, w1.shape[1]
     x, w1, w2, w3 = (t.requires_grad_(True) for t in (x, w1, w2, w3))
     saved = []
     with CountOps() as ops, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fp8.fp8_experts(x, w1, w2, w3, offs)
-    assert ops.quants == [((M, D), True), ((M, I), False), ((M, 2 * I), False)]   # x, silu(.)*., [h1 | h3]
+    assert ops.quants == [((M, D), True)]                                    # x; silu(h1) h3 and h: swiglu_quant
+    assert ops.calls["swiglu_quant"] == 1 and ops.calls["grouped_gemm"] == 2
     activations_saved = sorted(tuple(t.shape) for t in saved if t.shape[0] == M and t.shape[-1] >= 128)
     assert activations_saved == [(M, D), (M, 2 * I)]
     assert all(t.dtype == fp8.FP8 for t in saved if t.shape[0] == M and t.shape[-1] >= 128)
     assert is_pow2(next(t for t in saved if t.shape == (M, D // 128)))      # x's scales
     with CountOps() as ops:
         y.backward(torch.randn_like(y))
-    assert [q for q in ops.quants if q[0] == (M, D)] == [((M, D), True)]      # dy, once
-    assert [q for q in ops.quants if q[0] != (M, D)] == [((M, 2 * I), False)]  # [dh1 | dh3], once
+    assert ops.quants == [((M, D), True)]                                    # dy, once
+    assert ops.calls["swiglu_backward"] == 1 and ops.calls["quant_t"] == 2   # dh and a; dy and x re-tiled
+    assert ops.calls["grouped_gemm"] == 2 and ops.calls["grouped_gemm_k"] == 3
+
 
 # ----------------------------------------------------------------------------- whole blocks: recompute, torch.compile
 
@@ -542,7 +546,7 @@ def test_recompute_keeps_fp8_gemm_outputs():
     assert n_linear == 16 and off["gemm"] == 2 * n_linear            # Fprop + Dgrad of each FP8Linear
     assert on["gemm"] - off["gemm"] == 2 * len(blocks)               # W^UQ's and W^UKV's Fprop again
     assert on["grouped_gemm"] == off["grouped_gemm"] == 2 + 2        # experts: [w1; w3], w2; Dgrads of w2, [w1; w3]
-    assert on["wgrad"] == off["wgrad"] == n_linear and on["grouped_wgrad"] == off["grouped_wgrad"] == 2
+    assert on["wgrad"] == off["wgrad"] == n_linear and on["grouped_gemm_k"] == off["grouped_gemm_k"] == 3
     for a, b in zip(g_on, g_off):
         assert rel(a, b) < 1e-6
 
@@ -628,6 +632,56 @@ def test_triton_quant_matches_torch(device, pow2):
         assert torch.equal(got[1], ref[1]), f.__name__                          # scales
         for g, r in zip(got[:1] + got[2:], ref[:1] + ref[2:]):                  # FP8 values (and W^T)
             assert g.shape == r.shape and torch.equal(_bits(g), _bits(r)), f.__name__
+
+
+@kernel_devices
+@pytest.mark.parametrize("pow2", [False, True])
+def test_triton_swiglu_kernels_match_their_twins(device, pow2):
+    """swiglu_quant and swiglu_backward (one pass each over their inputs) against the steps they
+    fuse, written in plain torch. h's FP8 cache involves no transcendental function and matches bit
+    for bit; the SwiGLU's outputs go through a sigmoid, whose last FP32 bits differ between torch and
+    the kernel (an approximate exponent and division), so they are held to the twin within a few
+    FP8 roundings (rel 1e-3; a wrong tile or channel would be off by O(1)) and to FP64 within FP8's
+    error. Uneven experts, an empty one, and rows past offs[-1] (in no tile; the rows of dh_fp8
+    there are not written)."""
+    out = torch.float32 if device == "cpu" else torch.float8_e4m3fn
+    fp8_ = lambda q: q.to(torch.float8_e4m3fn).float()                       # noqa: E731  as torch rounds it
+    M, I, real = 300, 256, 260
+    offs = torch.tensor([130, 130, 200, real], dtype=torch.int32, device=device)   # an empty expert; 40 rows in none
+    h = (torch.randn(M, 2 * I, device=device) * torch.exp(torch.randn(1, 2 * I, device=device))).bfloat16()
+    h[real:] = 0                                                               # the grouped GEMM's rows past offs[-1]
+    want = fp8.swiglu_quant_ref(h, pow2)
+    fp8.quant_impl = "triton"
+    got = fp8.swiglu_quant(h, pow2, out_dtype=out)
+    assert torch.equal(got[1], want[1]) and torch.equal(_bits(got[0]), _bits(want[0]))    # h's cache
+    assert torch.equal(got[3], want[3]) or rel(got[3], want[3]) < 1e-5                   # a's scales
+    h64 = h.double()
+    a64 = F.silu(h64[:, :I]) * h64[:, I:]
+    assert rel(fp8.act_dequant(fp8_(got[2]), got[3]), a64) < 4e-2
+    assert rel(fp8.act_dequant(fp8_(got[2]), got[3]), fp8.act_dequant(want[2].float(), want[3])) < 1e-3
+
+    h_fp8, h_s = want[0], want[1]
+    da = torch.randn(M, I, device=device)
+    da[real:] = 0                                                              # w2's Dgrad writes zeros there
+    tiles = fp8._group_tiles(offs, M)[0]
+    fp8.quant_impl = "torch"
+    want = fp8.swiglu_backward(da, h_fp8, h_s, tiles, pow2)
+    fp8.quant_impl = "triton"
+    got = fp8.swiglu_backward(da, h_fp8, h_s, tiles, pow2, out_dtype=out)
+    hc = fp8.act_dequant(h_fp8.float(), h_s).double()                          # what backward reads
+    h1, h3, sig = hc[:, :I], hc[:, I:], torch.sigmoid(hc[:, :I])
+    dh64 = torch.cat([da * h3 * sig * (1 + h1 * (1 - sig)), da * h1 * sig], 1)
+    deq = lambda q, s: fp8.act_dequant(fp8_(q), s)                             # noqa: E731
+    assert rel(deq(*got[:2])[:real], dh64[:real]) < 4e-2
+    assert rel(deq(*got[:2])[:real], deq(*want[:2])[:real]) < 1e-3
+    for g, w in ((got[2:4], want[2:4]), (got[4:6], want[4:6])):               # dh^T and a^T, 128x1
+        assert g[0].shape == w[0].shape and g[1].shape == w[1].shape
+        assert rel(deq(*g), deq(*w)) < 1e-3 and rel(g[1], w[1]) < 1e-3
+        assert torch.equal(fp8_(g[0])[:, 4 * 128:], torch.zeros_like(fp8_(g[0])[:, 4 * 128:]))  # the unused tiles
+    rows = tiles[1, :, None] + torch.arange(128, device=device)                 # the Wgrad layout's source rows
+    rows = torch.where(rows < tiles[2, :, None], rows, M).flatten()            # (padding: a zero row)
+    for g, t64 in ((got[2:4], dh64), (got[4:6], h1 * sig * h3)):
+        assert rel(deq(*g), F.pad(t64, (0, 0, 0, 1))[rows].t()) < 4e-2
 
 
 @kernel_devices
@@ -894,6 +948,13 @@ def test_kernels_compile_for_hopper_without_spills(sm90):
             sm90, fp8._act_quant_t_kernel, dict(x_ptr=FP8_PTR if has_xs else BF16_PTR, xs_ptr=F32_PTR, y_ptr=FP8_PTR,
                                                 s_ptr=F32_PTR, rows_ptr=I32_PTR),
             dict(HAS_XS=has_xs, BLOCK_M=128, QBLOCK=128, POW2=has_xs), [dict(GROUPED=False), dict(GROUPED=True)])
+    runs["swiglu_quant"] = _compile_all(sm90, fp8._swiglu_quant_kernel, dict(
+        h_ptr=BF16_PTR, hq_ptr=FP8_PTR, hs_ptr=F32_PTR, aq_ptr=FP8_PTR, as_ptr=F32_PTR), dict(BLOCK_K=128),
+        [dict(POW2=False), dict(POW2=True)])
+    runs["swiglu_backward"] = _compile_all(sm90, fp8._swiglu_backward_kernel, dict(
+        da_ptr=F32_PTR, hq_ptr=FP8_PTR, hs_ptr=F32_PTR, dh_ptr=FP8_PTR, dhs_ptr=F32_PTR, dhT_ptr=FP8_PTR,
+        dhTs_ptr=F32_PTR, aT_ptr=FP8_PTR, aTs_ptr=F32_PTR, rows_ptr=I32_PTR), dict(BLOCK_M=128, BLOCK_K=128),
+        [dict(POW2=False), dict(POW2=True)])
     runs["fp8_gemm"] = _compile_all(sm90, fp8._fp8_gemm_kernel, GEMM_PTRS, dict(BLOCK_K=128),
                                     [dict(B_PER_ROW=False), dict(B_PER_ROW=True)])
     runs["grouped rows"] = _compile_all(sm90, fp8._fp8_gemm_rows_grouped_kernel, {**GEMM_PTRS, "tiles_ptr": I32_PTR},
