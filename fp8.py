@@ -1020,65 +1020,68 @@ if HAS_TRITON:
                           as_ptr + offs_m * stride_asm + c * stride_ask, mask_m, POW2)
 
     @triton.jit
-    def _swiglu_grads(da_ptr, hq_ptr, hs_ptr, offs_m, mask_m, offs_k, c, I, stride_dam, stride_hm, stride_hsm,
-                      stride_hsk, BLOCK_K: tl.constexpr):
-        # dh1, dh3 and a = silu(h1) h3 at rows offs_m (those outside mask_m are zeros), channels offs_k
+    def _swiglu_grads(da_ptr, hq_ptr, hs_ptr, offs_m, mask_m, offs_k, kb, I, stride_dam, stride_hm, stride_hsm,
+                      stride_hsk, QBLOCK: tl.constexpr):
+        # dh1, dh3 and a = silu(h1) h3 at rows offs_m (those outside mask_m are zeros), channels offs_k,
+        # all inside the kb-th 128-wide tile of h1 (and of h3): one cache scale a row for each
         at = offs_m[:, None] * stride_hm + offs_k[None, :]
         hs = hs_ptr + offs_m * stride_hsm
-        s1 = tl.load(hs + c * stride_hsk, mask=mask_m, other=0.0)
-        s3 = tl.load(hs + (I // BLOCK_K + c) * stride_hsk, mask=mask_m, other=0.0)
+        s1 = tl.load(hs + kb * stride_hsk, mask=mask_m, other=0.0)
+        s3 = tl.load(hs + (I // QBLOCK + kb) * stride_hsk, mask=mask_m, other=0.0)
         h1 = tl.load(hq_ptr + at, mask=mask_m[:, None], other=0.0).to(tl.float32) * s1[:, None]
         h3 = tl.load(hq_ptr + at + I, mask=mask_m[:, None], other=0.0).to(tl.float32) * s3[:, None]
         da = tl.load(da_ptr + offs_m[:, None] * stride_dam + offs_k[None, :], mask=mask_m[:, None], other=0.0)
         sig = _sigmoid(h1)
         return da * h3 * sig * (1 + h1 * (1 - sig)), da * h1 * sig, h1 * sig * h3   # silu' = sig (1 + h1 (1 - sig))
 
-    # CHUNK tokens x 128 channels at a time: 16 x 4 warps takes 241 registers, 32 x 8 warps 255, no
-    # spills (sm_90, tests/test_fp8.py); 32 x 4 warps spills
-    @_tuned([triton.Config({"CHUNK": ch}, num_warps=w) for ch, w in ((16, 4), (32, 8))], key=["I"])
+    # Two kernels, each one pass: a 128 x 128 block of the five tensors does not fit in registers,
+    # and a one-kernel version that went over it twice in chunks (rows, then columns) ran at 17% of
+    # the copy's rate on the H200 (bench.py fp8, 2026-12-02): its reductions and layout changes, not
+    # its bytes, took the time. The columns kernel recomputes dh and a; they cost 6 bytes a channel
+    # and token to read again.
+    @_tuned([triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in ((32, 4), (16, 4), (32, 8), (64, 8))],
+            key=["I"])
     @triton.jit
-    def _swiglu_backward_kernel(da_ptr, hq_ptr, hs_ptr, dh_ptr, dhs_ptr, dhT_ptr, dhTs_ptr, aT_ptr, aTs_ptr,
-                                rows_ptr, I, stride_dam, stride_hm, stride_hsm, stride_hsk, stride_dhsm, stride_dhsk,
-                                stride_dhTk, stride_dhTsb, stride_aTk, stride_aTsb, BLOCK_M: tl.constexpr,
-                                BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr):
+    def _swiglu_backward_rows_kernel(da_ptr, hq_ptr, hs_ptr, dh_ptr, dhs_ptr, M, I, stride_dam, stride_hm,
+                                     stride_hsm, stride_hsk, stride_dhsm, stride_dhsk, BLOCK_M: tl.constexpr,
+                                     BLOCK_K: tl.constexpr, POW2: tl.constexpr):
+        # one program: BLOCK_M rows x channels c*128 .. c*128 + 127: dh1 and dh3 in 1x128 tiles (Dgrad).
+        # The rows past offs[-1] have da = 0 (w2's Dgrad) and get zeros.
+        pid_m, c = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        dh1, dh3, _ = _swiglu_grads(da_ptr, hq_ptr, hs_ptr, offs_m, mask_m, offs_k, c, I, stride_dam, stride_hm,
+                                    stride_hsm, stride_hsk, BLOCK_K)
+        at = offs_m[:, None] * stride_hm + offs_k[None, :]             # dh shares the cache's strides
+        dhs = dhs_ptr + offs_m * stride_dhsm
+        _store_quant_rows(dh1, dh_ptr + at, dhs + c * stride_dhsk, mask_m, POW2)
+        _store_quant_rows(dh3, dh_ptr + at + I, dhs + (I // BLOCK_K + c) * stride_dhsk, mask_m, POW2)
+
+    # (64 x 4 warps and 128 x 8 spill on sm_90; these take 125 to 221 registers)
+    @_tuned([triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in ((32, 4), (16, 4), (32, 8), (64, 8))],
+            key=["I"])
+    @triton.jit
+    def _swiglu_backward_cols_kernel(da_ptr, hq_ptr, hs_ptr, dhT_ptr, dhTs_ptr, aT_ptr, aTs_ptr, rows_ptr, I,
+                                     stride_dam, stride_hm, stride_hsm, stride_hsk, stride_dhTk, stride_dhTsb,
+                                     stride_aTk, stride_aTsb, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                                     QBLOCK: tl.constexpr, POW2: tl.constexpr):
         # one program: one 128-token block j of the Wgrad layout (rows row0 .. row_end of one expert,
-        # rows (2, blocks) as in _act_quant_t_kernel) x channels c*128 .. c*128 + 127 of h1, h3 and a.
-        # A 128 x 128 block of the five tensors does not fit in registers, so it goes in chunks of
-        # CHUNK tokens, twice: the first pass stores dh's 1x128 tiles (a chunk holds whole rows) and
-        # takes each channel's max over the 128 tokens; the second recomputes the chunk (its inputs
-        # come from L2) and stores the 128x1 tiles of dh and a.
-        j, c = tl.program_id(0), tl.program_id(1)
+        # rows (2, blocks) as in _act_quant_t_kernel) x BLOCK_K channels: dh1, dh3 and a in 128x1 tiles
+        j = tl.program_id(0)
         row0 = tl.load(rows_ptr + j)
         row_end = tl.load(rows_ptr + tl.num_programs(0) + j)
-        offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
-        amax1 = tl.zeros([BLOCK_K], dtype=tl.float32)
-        amax3 = tl.zeros([BLOCK_K], dtype=tl.float32)
-        amaxa = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for r in range(0, BLOCK_M, CHUNK):
-            offs_m = row0 + r + tl.arange(0, CHUNK)
-            mask_m = offs_m < row_end
-            dh1, dh3, a = _swiglu_grads(da_ptr, hq_ptr, hs_ptr, offs_m, mask_m, offs_k, c, I, stride_dam, stride_hm,
-                                        stride_hsm, stride_hsk, BLOCK_K)
-            at = offs_m[:, None] * stride_hm + offs_k[None, :]         # dh shares the cache's strides
-            dhs = dhs_ptr + offs_m * stride_dhsm
-            _store_quant_rows(dh1, dh_ptr + at, dhs + c * stride_dhsk, mask_m, POW2)            # for Dgrad
-            _store_quant_rows(dh3, dh_ptr + at + I, dhs + (I // BLOCK_K + c) * stride_dhsk, mask_m, POW2)
-            amax1 = tl.maximum(amax1, tl.max(tl.abs(dh1), axis=0))
-            amax3 = tl.maximum(amax3, tl.max(tl.abs(dh3), axis=0))
-            amaxa = tl.maximum(amaxa, tl.max(tl.abs(a), axis=0))
-        s1, s3, sa = _scale_of(amax1, POW2), _scale_of(amax3, POW2), _scale_of(amaxa, POW2)
-        tl.store(dhTs_ptr + j * stride_dhTsb + offs_k, s1)
-        tl.store(dhTs_ptr + j * stride_dhTsb + I + offs_k, s3)
-        tl.store(aTs_ptr + j * stride_aTsb + offs_k, sa)
-        for r in range(0, BLOCK_M, CHUNK):
-            offs_m = row0 + r + tl.arange(0, CHUNK)
-            dh1, dh3, a = _swiglu_grads(da_ptr, hq_ptr, hs_ptr, offs_m, offs_m < row_end, offs_k, c, I, stride_dam,
-                                        stride_hm, stride_hsm, stride_hsk, BLOCK_K)
-            cols = j * BLOCK_M + r + tl.arange(0, CHUNK)               # the chunk's tokens in the outputs
-            dhT = dhT_ptr + offs_k[None, :] * stride_dhTk + cols[:, None]                       # for Wgrad
-            tl.store(dhT, _scaled(dh1, s1[None, :]).to(dhT_ptr.dtype.element_ty))
-            tl.store(dhT + I * stride_dhTk, _scaled(dh3, s3[None, :]).to(dhT_ptr.dtype.element_ty))
-            tl.store(aT_ptr + offs_k[None, :] * stride_aTk + cols[:, None], _scaled(a, sa[None, :]).to(aT_ptr.dtype.element_ty))
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        kb = tl.program_id(1) * BLOCK_K // QBLOCK                      # BLOCK_K divides QBLOCK = 128
+        dh1, dh3, a = _swiglu_grads(da_ptr, hq_ptr, hs_ptr, offs_m, offs_m < row_end, offs_k, kb, I, stride_dam,
+                                    stride_hm, stride_hsm, stride_hsk, QBLOCK)
+        cols = j * BLOCK_M + tl.arange(0, BLOCK_M)                     # the block's tokens in the outputs
+        dhT = dhT_ptr + offs_k[None, :] * stride_dhTk + cols[:, None]
+        _store_quant_cols(dh1, dhT, dhTs_ptr + j * stride_dhTsb + offs_k, POW2)
+        _store_quant_cols(dh3, dhT + I * stride_dhTk, dhTs_ptr + j * stride_dhTsb + I + offs_k, POW2)
+        _store_quant_cols(a, aT_ptr + offs_k[None, :] * stride_aTk + cols[:, None],
+                          aTs_ptr + j * stride_aTsb + offs_k, POW2)
 
 
 def swiglu_quant_ref(h, pow2=False):
@@ -1131,9 +1134,8 @@ def swiglu_backward(da, h_fp8, h_s, tiles, pow2=False, out_dtype=FP8):
       dh_fp8, dh_s   dh = [dh1 | dh3] (M, 2I) in 1x128 tiles, for the Dgrad of [w1; w3]
       dhT, dhT_s     dh^T (2I, 128 T) in 128x1 tiles, each expert padded on its own, for their Wgrad
       aT, aT_s       a^T (I, 128 T) likewise, a = silu(h1) h3 recomputed, for w2's Wgrad
-    (act_quant_t's layouts). The rows of dh_fp8 past offs[-1] are in no tile and are not written
-    (the Dgrad reads none of them). One kernel reads da and the cache once. out_dtype: as for
-    act_quant."""
+    (act_quant_t's layouts); the rows past offs[-1], where da is zero, get zeros in dh_fp8. Two
+    kernels, one for each tiling, each read da and the cache once. out_dtype: as for act_quant."""
     M, I = da.shape
     _check_multiple(I, "expert width")
     if not _use_triton(da, quant_impl):
@@ -1144,13 +1146,19 @@ def swiglu_backward(da, h_fp8, h_s, tiles, pow2=False, out_dtype=FP8):
     dh_s = _mmajor_empty(M, 2 * I // BLOCK, da.device)
     dhT, dhT_s = torch.empty(2 * I, T * BLOCK, dtype=out_dtype, device=da.device), _mmajor_empty(2 * I, T, da.device)
     aT, aT_s = torch.empty(I, T * BLOCK, dtype=out_dtype, device=da.device), _mmajor_empty(I, T, da.device)
+    if h_fp8.stride() != (2 * I, 1):
+        raise ValueError(f"fp8.swiglu_backward: h_fp8 must be contiguous (M, 2I), got strides {h_fp8.stride()}")
+    if M:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), I // BLOCK)   # noqa: E731
+        _swiglu_backward_rows_kernel[grid](da, h_fp8, h_s, dh_fp8, dh_s, M, I, da.stride(0), h_fp8.stride(0),
+                                           h_s.stride(0), h_s.stride(1), dh_s.stride(0), dh_s.stride(1),
+                                           BLOCK_K=BLOCK, POW2=pow2)
     if T:
-        if h_fp8.stride() != (2 * I, 1):
-            raise ValueError(f"fp8.swiglu_backward: h_fp8 must be contiguous (M, 2I), got strides {h_fp8.stride()}")
-        _swiglu_backward_kernel[(T, I // BLOCK)](
-            da, h_fp8, h_s, dh_fp8, dh_s, dhT, dhT_s, aT, aT_s, tiles[1:], I, da.stride(0), h_fp8.stride(0),
-            h_s.stride(0), h_s.stride(1), dh_s.stride(0), dh_s.stride(1), dhT.stride(0), dhT_s.stride(1),
-            aT.stride(0), aT_s.stride(1), BLOCK_M=BLOCK, BLOCK_K=BLOCK, POW2=pow2)
+        grid = lambda meta: (T, I // meta["BLOCK_K"])   # noqa: E731
+        _swiglu_backward_cols_kernel[grid](da, h_fp8, h_s, dhT, dhT_s, aT, aT_s, tiles[1:], I, da.stride(0),
+                                           h_fp8.stride(0), h_s.stride(0), h_s.stride(1), dhT.stride(0),
+                                           dhT_s.stride(1), aT.stride(0), aT_s.stride(1), BLOCK_M=BLOCK,
+                                           QBLOCK=BLOCK, POW2=pow2)
     return dh_fp8, dh_s, dhT, dhT_s, aT, aT_s
 
 

@@ -642,8 +642,7 @@ def test_triton_swiglu_kernels_match_their_twins(device, pow2):
     for bit; the SwiGLU's outputs go through a sigmoid, whose last FP32 bits differ between torch and
     the kernel (an approximate exponent and division), so they are held to the twin within a few
     FP8 roundings (rel 1e-3; a wrong tile or channel would be off by O(1)) and to FP64 within FP8's
-    error. Uneven experts, an empty one, and rows past offs[-1] (in no tile; the rows of dh_fp8
-    there are not written)."""
+    error. Uneven experts, an empty one, and rows past offs[-1] (in no tile; zeros in dh_fp8)."""
     out = torch.float32 if device == "cpu" else torch.float8_e4m3fn
     fp8_ = lambda q: q.to(torch.float8_e4m3fn).float()                       # noqa: E731  as torch rounds it
     M, I, real = 300, 256, 260
@@ -674,6 +673,7 @@ def test_triton_swiglu_kernels_match_their_twins(device, pow2):
     deq = lambda q, s: fp8.act_dequant(fp8_(q), s)                             # noqa: E731
     assert rel(deq(*got[:2])[:real], dh64[:real]) < 4e-2
     assert rel(deq(*got[:2])[:real], deq(*want[:2])[:real]) < 1e-3
+    assert torch.equal(fp8_(got[0])[real:], torch.zeros(M - real, 2 * I, device=device))
     for g, w in ((got[2:4], want[2:4]), (got[4:6], want[4:6])):               # dh^T and a^T, 128x1
         assert g[0].shape == w[0].shape and g[1].shape == w[1].shape
         assert rel(deq(*g), deq(*w)) < 1e-3 and rel(g[1], w[1]) < 1e-3
@@ -951,10 +951,12 @@ def test_kernels_compile_for_hopper_without_spills(sm90):
     runs["swiglu_quant"] = _compile_all(sm90, fp8._swiglu_quant_kernel, dict(
         h_ptr=BF16_PTR, hq_ptr=FP8_PTR, hs_ptr=F32_PTR, aq_ptr=FP8_PTR, as_ptr=F32_PTR), dict(BLOCK_K=128),
         [dict(POW2=False), dict(POW2=True)])
-    runs["swiglu_backward"] = _compile_all(sm90, fp8._swiglu_backward_kernel, dict(
-        da_ptr=F32_PTR, hq_ptr=FP8_PTR, hs_ptr=F32_PTR, dh_ptr=FP8_PTR, dhs_ptr=F32_PTR, dhT_ptr=FP8_PTR,
-        dhTs_ptr=F32_PTR, aT_ptr=FP8_PTR, aTs_ptr=F32_PTR, rows_ptr=I32_PTR), dict(BLOCK_M=128, BLOCK_K=128),
-        [dict(POW2=False), dict(POW2=True)])
+    swiglu_ptrs = dict(da_ptr=F32_PTR, hq_ptr=FP8_PTR, hs_ptr=F32_PTR, dh_ptr=FP8_PTR, dhs_ptr=F32_PTR,
+                       dhT_ptr=FP8_PTR, dhTs_ptr=F32_PTR, aT_ptr=FP8_PTR, aTs_ptr=F32_PTR, rows_ptr=I32_PTR)
+    runs["swiglu_backward rows"] = _compile_all(sm90, fp8._swiglu_backward_rows_kernel, swiglu_ptrs,
+                                                dict(BLOCK_K=128), [dict(POW2=False), dict(POW2=True)])
+    runs["swiglu_backward cols"] = _compile_all(sm90, fp8._swiglu_backward_cols_kernel, swiglu_ptrs,
+                                                dict(BLOCK_M=128, QBLOCK=128), [dict(POW2=False), dict(POW2=True)])
     runs["fp8_gemm"] = _compile_all(sm90, fp8._fp8_gemm_kernel, GEMM_PTRS, dict(BLOCK_K=128),
                                     [dict(B_PER_ROW=False), dict(B_PER_ROW=True)])
     runs["grouped rows"] = _compile_all(sm90, fp8._fp8_gemm_rows_grouped_kernel, {**GEMM_PTRS, "tiles_ptr": I32_PTR},
