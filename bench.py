@@ -423,6 +423,7 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
 
 # Kernel names by what they do (first match wins): the profile of a step, summed per kind.
 KERNEL_KINDS = [("AdamW", r"^triton_.*lerp.*sqrt"), ("fused by torch.compile (casts, norms, ...)", r"^triton_"),
+                ("SwiGLU with its FP8 quantization (fused)", r"^_swiglu"),
                 ("FP8 quantization", r"quant"), ("grouped GEMM", r"grouped|ptr_array|GroupProblem"),
                 ("attention", r"cudnn|fmha|flash|sdpa|attention"), ("GEMM", r"gemm|nvjet|cutlass|sm90_xmma|cublas|wgmma"),
                 ("sort/top-k", r"sort|radix|topk"), ("index/scatter/gather", r"index|scatter|gather"),

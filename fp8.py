@@ -17,7 +17,7 @@ float8_e4m3fn: 1 sign bit, 4 exponent bits (bias 7), 3 mantissa bits, no infinit
 Scales, and why they are fine-grained (3.3.2, "Fine-Grained Quantization")
 ==========================================================================
 A tensor is stored as x_fp8 = x / s with s = max|x| / 448 (FP32), so the largest element lands on
-448 and x ~= x_fp8 * s. With one s for the whole tensor, a single outlier (LLM activations have
+448 and x ~= x_fp8 * s (computed as x * (1/s): one division a tile, not one an element). With one s for the whole tensor, a single outlier (LLM activations have
 channels 100x larger than the rest) sets s, and every ordinary element is pushed down into the
 subnormals or to zero. The fix is many scales, each over a small group:
   - activations: one scale per token per 128 channels, 1x128 tiles. Outliers then only hurt the
@@ -72,6 +72,9 @@ The routed experts (3.3.3) run w2(silu(w1 x) * w3 x) with all nine GEMMs in FP8:
 once for both up-projections, which run as one GEMM of [w1; w3]; the SwiGLU's inputs w1 x and w3 x
 are cached in FP8 and its output is recomputed from them in backward, for w2's Wgrad; the gradient
 arriving at w2 is quantized once and serves w2's Dgrad and (re-tiled, losslessly) its Wgrad.
+The SwiGLU is fused with the quantizations around it (swiglu_quant, swiglu_backward): each of its
+kernels reads its inputs once and writes FP8, where the separate steps wrote and read BF16/FP32
+intermediates (on the H200, 3.9x and 6.6x faster than those steps; README, FP8).
 
 What stays in BF16/FP32 (3.3.1): the embedding, the output head, the MoE router (gating), the
 normalizations, and the attention core (softmax(QK^T)V). FP8Linear is for the Linear layers
