@@ -74,7 +74,7 @@ are cached in FP8 and its output is recomputed from them in backward, for w2's W
 arriving at w2 is quantized once and serves w2's Dgrad and (re-tiled, losslessly) its Wgrad.
 The SwiGLU is fused with the quantizations around it (swiglu_quant, swiglu_backward): each of its
 kernels reads its inputs once and writes FP8, where the separate steps wrote and read BF16/FP32
-intermediates (on the H200, 3.9x and 6.6x faster than those steps; README, FP8).
+intermediates (on the H200, 3.9x and 6.6x faster than those steps run one by one; README, FP8).
 
 What stays in BF16/FP32 (3.3.1): the embedding, the output head, the MoE router (gating), the
 normalizations, and the attention core (softmax(QK^T)V). FP8Linear is for the Linear layers
