@@ -271,6 +271,8 @@ def _op_cases():
     we_fp8, we_s, _ = ops.weight_quant([torch.randn(3, 128, 256)], False)
     g_fp8, g_s = ops.quant(torch.randn(100, 128), True)
     offs = torch.tensor([40, 40, 100], dtype=torch.int32)       # an empty expert in the middle
+    tiles, kblocks = fp8._group_tiles(offs, 100)
+    h = activations(100, 256).bfloat16()                         # [h1 | h3], expert width 128
     return {
         "quant": (ops.quant.default, (activations(100, 200), True)),
         "weight_quant": (ops.weight_quant.default, ([torch.randn(3, 192, 256), torch.randn(3, 128, 256)], False)),
@@ -279,10 +281,17 @@ def _op_cases():
         "grouped_gemm": (ops.grouped_gemm.default, (x_fp8, x_s, we_fp8, we_s, offs, torch.float32)),
         "grouped_wgrad": (ops.grouped_wgrad.default, (g_fp8, g_s, activations(100, 256), None, offs, True, False,
                                                       torch.float32, None, None, 2)),
+        "quant_t": (ops.quant_t.default, (x_fp8, x_s, True, tiles)),
+        "grouped_gemm_k": (ops.grouped_gemm_k.default, (*ops.quant_t(g_fp8, g_s, True, tiles),
+                                                        *ops.quant_t(x_fp8, x_s, True, tiles), kblocks, torch.float32)),
+        "swiglu_quant": (ops.swiglu_quant.default, (h, False)),
+        "swiglu_backward": (ops.swiglu_backward.default, (torch.randn(100, 128), *ops.swiglu_quant(h, False)[:2], tiles,
+                                                          False)),
     }
 
 
-@pytest.mark.parametrize("name", ["quant", "weight_quant", "gemm", "wgrad", "grouped_gemm", "grouped_wgrad"])
+@pytest.mark.parametrize("name", ["quant", "weight_quant", "gemm", "wgrad", "grouped_gemm", "grouped_wgrad", "quant_t",
+                                  "grouped_gemm_k", "swiglu_quant", "swiglu_backward"])
 def test_custom_ops_fake_impls_match_real(name):
     """torch.library.opcheck: the fake implementation gives the real outputs' shapes, dtypes and
     strides, also under dynamic shapes through AOTAutograd. Its schema test compares the inputs
