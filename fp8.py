@@ -1103,7 +1103,8 @@ def swiglu_quant(h, pow2=False, out_dtype=FP8):
     w2), 1x128 tiles, scales M-major; I a multiple of 128. One kernel reads h once. out_dtype:
     as for act_quant."""
     M, I2 = h.shape
-    _check_multiple(I2 // 2, "expert width")
+    if I2 % (2 * BLOCK):
+        raise ValueError(f"fp8.swiglu_quant: h has {I2} columns; it is [h1 | h3], 2I with I a multiple of {BLOCK}")
     if not _use_triton(h, quant_impl):
         return swiglu_quant_ref(h, pow2)
     h = h.contiguous()
@@ -1141,6 +1142,10 @@ def swiglu_backward(da, h_fp8, h_s, tiles, pow2=False, out_dtype=FP8):
     kernels, one for each tiling, each read da and the cache once. out_dtype: as for act_quant."""
     M, I = da.shape
     _check_multiple(I, "expert width")
+    if h_fp8.shape != (M, 2 * I) or h_s.shape != (M, 2 * I // BLOCK) or tiles.dim() != 2 or tiles.shape[0] != 3:
+        raise ValueError(f"fp8.swiglu_backward: for da {tuple(da.shape)} expected h_fp8 {(M, 2 * I)}, h_s "
+                         f"{(M, 2 * I // BLOCK)} and tiles (3, T); got {tuple(h_fp8.shape)}, {tuple(h_s.shape)}, "
+                         f"{tuple(tiles.shape)}")
     if not _use_triton(da, quant_impl):
         return swiglu_backward_ref(da, h_fp8, h_s, tiles, pow2)
     da = da.contiguous()

@@ -124,6 +124,11 @@ def test_dims_not_multiple_of_128_are_refused():
                         torch.tensor([3, 8], dtype=torch.int32))
     with pytest.raises(ValueError, match="bias"):
         fp8.FP8Linear(256, 128, bias=True)
+    with pytest.raises(ValueError, match=r"h has 384 columns; it is \[h1 \| h3\], 2I with I a multiple of 128"):
+        fp8.swiglu_quant(torch.randn(4, 384))
+    h_fp8, h_s, _, _ = fp8.swiglu_quant(torch.randn(4, 256))
+    with pytest.raises(ValueError, match=r"for da \(4, 256\) expected h_fp8 \(4, 512\)"):
+        fp8.swiglu_backward(torch.randn(4, 256), h_fp8, h_s, fp8._group_tiles(torch.tensor([4], dtype=torch.int32), 4)[0])
 
 
 def test_retiling_with_pow2_scales_adds_no_rounding():
