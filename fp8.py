@@ -222,18 +222,22 @@ if HAS_TRITON:
         return s
 
     @triton.jit
-    def _scaled(x, s):
+    def _scaled(x, s, POW2: tl.constexpr):
         # x * (1/s), as the plain twin computes it: one IEEE division a tile, one multiply an
         # element (a division per element made the quantizers issue-bound: 11 of the 30 SASS
         # instructions an element of act_quant_t were the IEEE division's). No clamp to 448: the
         # tile's largest |x| times 1/s is at most 448 (1 + 2^-22), which rounds to 448.
+        if POW2:  # s = 2^e exactly, and 1/s = 2^-e is its exponent bits subtracted: (254 << 23) - bits(s)
+            # (max 0: for s = inf, from an inf in x, 1/s = 0 as torch has it)
+            inv = tl.maximum((254 << 23) - s.to(tl.int32, bitcast=True), 0).to(tl.float32, bitcast=True)
+            return x * inv
         return x * tl.math.div_rn(1.0, s)
 
     @triton.jit
     def _store_quant_rows(x, y_ptrs, s_ptrs, mask_m, POW2: tl.constexpr):
         # x (rows, 128) in FP32 stored as 1x128 tiles: one scale a row (rows outside mask_m skipped)
         s = _scale_of(tl.max(tl.abs(x), axis=1), POW2)
-        tl.store(y_ptrs, _scaled(x, s[:, None]).to(y_ptrs.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(y_ptrs, _scaled(x, s[:, None], POW2).to(y_ptrs.dtype.element_ty), mask=mask_m[:, None])
         tl.store(s_ptrs, s, mask=mask_m)
 
     @triton.jit
@@ -241,7 +245,7 @@ if HAS_TRITON:
         # x (128 tokens, channels) in FP32 stored as 128x1 tiles: one scale a channel; y_ptrs point
         # into the transposed output, (channels, tokens)
         s = _scale_of(tl.max(tl.abs(x), axis=0), POW2)
-        tl.store(y_ptrs, _scaled(x, s[None, :]).to(y_ptrs.dtype.element_ty))
+        tl.store(y_ptrs, _scaled(x, s[None, :], POW2).to(y_ptrs.dtype.element_ty))
         tl.store(s_ptrs, s)
 
     def _tuned(configs, key):
@@ -275,7 +279,7 @@ if HAS_TRITON:
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk).to(tl.float32)
         s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-        y = _scaled(w, s)
+        y = _scaled(w, s, POW2)
         tl.store(y_ptr + e * stride_ye + offs_n[:, None] * stride_yn + offs_k[None, :], y.to(y_ptr.dtype.element_ty))
         if STORE_S:
             tl.store(s_ptr + e * stride_se + nb * stride_sn + pid_k * stride_sk, s)
