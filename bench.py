@@ -137,12 +137,15 @@ def bench_fp8(profile_dir=None):
     print(f"\n-- quantization GB/s (bytes read + written) against the copy's {copy_bw:.0f}")
     x = torch.randn(16384, 7168, device=dev, dtype=bf16)
     x8, xs = fp8.act_quant(x)
+    x8p, xsp = fp8.act_quant(x, pow2=True)
     w = torch.randn(7168, 18432, device=dev)                          # v3-gpu's dense W1 (N, K)
     w8 = fp8.weight_quant(w)[0]
     n, nw = x.numel(), w.numel()
     cases = (("act_quant     1x128, BF16 in", "x 16384x7168", lambda: fp8.act_quant(x), n * 3 + n // 32),
              ("act_quant_t   128x1, BF16 in", "x 16384x7168", lambda: fp8.act_quant_t(x), n * 3 + n // 32),
              ("act_quant_t   128x1, FP8 cache in", "x 16384x7168", lambda: fp8.act_quant_t(x8, xs), n * 2 + n // 16),
+             ("  power-of-two scales (the experts')", "x 16384x7168", lambda: fp8.act_quant_t(x8p, xsp, pow2=True),
+              n * 2 + n // 16),
              ("weight_quant  128x128, FP32 in", "w 7168x18432", lambda: fp8.weight_quant(w), nw * 5),
              ("weight_quant  and W^T (w read twice)", "w 7168x18432", lambda: fp8.weight_quant(w, transposed=True),
               nw * 10),
