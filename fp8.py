@@ -994,8 +994,9 @@ def fp8_grouped_gemm_k(a, a_s, b, b_s, kblocks, out_dtype=torch.float32):
 # The SwiGLU between the up- and down-projections, fused with the quantizations around it. Unfused,
 # the forward writes a = silu(h1) h3 in BF16 and reads it back to quantize it, and reads h again to
 # cache it in FP8; the backward writes dh and the recomputed a in FP32 and reads dh twice (1x128 for
-# Dgrad, 128x1 for Wgrad) and a once. These kernels read each input once: h in the forward; dL/da
-# and the FP8 cache of h in the backward. swiglu_quant_ref and swiglu_backward_ref are their twins.
+# Dgrad, 128x1 for Wgrad) and a once. Here the forward reads h once, and each of the backward's two
+# kernels (one per tiling) reads dL/da and the FP8 cache of h once and writes FP8 only.
+# swiglu_quant_ref and swiglu_backward_ref are their twins.
 
 if HAS_TRITON:
     @triton.jit
@@ -1045,7 +1046,8 @@ if HAS_TRITON:
     # and a one-kernel version that went over it twice in chunks (rows, then columns) ran at 17% of
     # the copy's rate on the H200 (bench.py fp8, 2026-12-02): its reductions and layout changes, not
     # its bytes, took the time. The columns kernel recomputes dh and a; they cost 6 bytes a channel
-    # and token to read again.
+    # and token to read again. The pair ran at 31% (285 us at 16,384 x 2,048), still issue-bound:
+    # the columns kernel's threads each work out the scales of many channels.
     @_tuned([triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in ((32, 4), (16, 4), (32, 8), (64, 8))],
             key=["I"])
     @triton.jit
