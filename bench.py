@@ -151,27 +151,22 @@ def bench_fp8(profile_dir=None):
               nw * 10),
              ("torch's copy of W_fp8^T (before)", "w 7168x18432", lambda: w8.t().contiguous(), nw * 2))
     # the routed experts' SwiGLU and its quantizations, fused (fp8.swiglu_quant / swiglu_backward)
-    # against the steps they replace (torch's elementwise ops eager, then the quantizers); 8 experts
+    # against the steps they replace (torch's elementwise ops eager, then the quantizer kernels; for
+    # the backward that is its twin, fp8.swiglu_backward_ref); 8 experts
     M, I = 16384, 2048
     h = torch.randn(M, 2 * I, device=dev, dtype=bf16)
     h8, hs, _, _ = fp8.swiglu_quant(h)
     da = torch.randn(M, I, device=dev)
     offs = torch.arange(1, 9, device=dev, dtype=torch.int32) * (M // 8)
     tiles = fp8._group_tiles(offs, M)[0]
-
-    def swiglu_backward_unfused():
-        hh = fp8.act_dequant(h8, hs)
-        h1, h3 = hh[:, :I], hh[:, I:]
-        sig = torch.sigmoid(h1)
-        dh = torch.cat([da * h3 * sig * (1 + h1 * (1 - sig)), da * h1 * sig], 1)
-        return fp8.act_quant(dh), fp8.act_quant_t(dh, tiles=tiles), fp8.act_quant_t(h1 * sig * h3, tiles=tiles)
     n = M * I
     cases += (("swiglu_quant  h -> h_fp8, a_fp8", f"h {M}x{2 * I}", lambda: fp8.swiglu_quant(h), n * 7),
-              ("  unfused (silu*mul, act_quant x2)", f"h {M}x{2 * I}",
+              ("  unfused (silu*mul, act_quant x2)", f"h {M}x{2 * I}",     # as the experts ran before, in BF16
                lambda: (fp8.act_quant(torch.nn.functional.silu(h[:, :I]) * h[:, I:]), fp8.act_quant(h)), n * 7),
               ("swiglu_backward da, h_fp8 -> dh, dh^T, a^T", f"da {M}x{I}",
                lambda: fp8.swiglu_backward(da, h8, hs, tiles), n * 11),
-              ("  unfused (eager torch, act_quant(_t) x3)", f"da {M}x{I}", swiglu_backward_unfused, n * 11))
+              ("  unfused (eager torch, act_quant(_t) x3)", f"da {M}x{I}",
+               lambda: fp8.swiglu_backward_ref(da, h8, hs, tiles), n * 11))
     for name, shape, f, nbytes in cases:
         t = ms(f)
         print(f"{name:<44} ({shape}) {nbytes / t / 1e6:>6.0f} GB/s  {nbytes / t / 1e6 / copy_bw:>5.0%} of copy, "

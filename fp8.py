@@ -17,9 +17,10 @@ float8_e4m3fn: 1 sign bit, 4 exponent bits (bias 7), 3 mantissa bits, no infinit
 Scales, and why they are fine-grained (3.3.2, "Fine-Grained Quantization")
 ==========================================================================
 A tensor is stored as x_fp8 = x / s with s = max|x| / 448 (FP32), so the largest element lands on
-448 and x ~= x_fp8 * s (computed as x * (1/s): one division a tile, not one an element). With one s for the whole tensor, a single outlier (LLM activations have
-channels 100x larger than the rest) sets s, and every ordinary element is pushed down into the
-subnormals or to zero. The fix is many scales, each over a small group:
+448 and x ~= x_fp8 * s (computed as x * (1/s): one division a tile, not one an element). With
+one s for the whole tensor, a single outlier (LLM activations have channels 100x larger than the
+rest) sets s, and every ordinary element is pushed down into the subnormals or to zero. The fix
+is many scales, each over a small group:
   - activations: one scale per token per 128 channels, 1x128 tiles. Outliers then only hurt the
     127 neighbours that share their tile.
   - weights: one scale per 128x128 block. Weights are smooth enough for that, and a square block
@@ -1094,12 +1095,14 @@ if HAS_TRITON:
 
 
 def swiglu_quant_ref(h, pow2=False):
-    """Plain torch: h (M, 2I) = [h1 | h3] -> its FP8 cache h_fp8, h_s and a = silu(h1) h3 (in FP32)
-    quantized, a_fp8, a_s; 1x128 tiles, scales M-major."""
+    """The twin of swiglu_quant, as the steps it fuses: h (M, 2I) = [h1 | h3] -> its FP8 cache
+    h_fp8, h_s and a = silu(h1) h3 (in FP32) quantized, a_fp8, a_s; 1x128 tiles, scales M-major.
+    The quantizers are act_quant's path (quant_impl): plain torch here, or on the GPU the
+    separate kernels that bench.py fp8 times the fused one against."""
     I = h.shape[1] // 2
-    h_fp8, h_s = act_quant_ref(h, pow2=pow2)
+    h_fp8, h_s = act_quant(h, pow2=pow2)
     h = h.float()
-    a_fp8, a_s = act_quant_ref(F.silu(h[:, :I]) * h[:, I:], pow2=pow2)
+    a_fp8, a_s = act_quant(F.silu(h[:, :I]) * h[:, I:], pow2=pow2)
     return h_fp8, _mmajor(h_s), a_fp8, _mmajor(a_s)
 
 
@@ -1126,14 +1129,14 @@ def swiglu_quant(h, pow2=False, out_dtype=FP8):
 
 
 def swiglu_backward_ref(da, h_fp8, h_s, tiles, pow2=False):
-    """Plain torch twin of swiglu_backward, written as the steps it fuses."""
+    """The twin of swiglu_backward, as the steps it fuses (quantizers as in swiglu_quant_ref)."""
     I = da.shape[1]
     h = act_dequant(h_fp8, h_s)                                     # the FP8 cache, (M, 2I)
     h1, h3 = h[:, :I], h[:, I:]
     sig = torch.sigmoid(h1)
     a = h1 * sig * h3                                               # the SwiGLU output, recomputed
     dh = torch.cat([da * h3 * sig * (1 + h1 * (1 - sig)), da * h1 * sig], 1)   # [dh1 | dh3]
-    dh_fp8, dh_s = act_quant_ref(dh, pow2=pow2)
+    dh_fp8, dh_s = act_quant(dh, pow2=pow2)
     (dhT, dhT_s), (aT, aT_s) = (act_quant_t(t, pow2=pow2, tiles=tiles) for t in (dh, a))
     return dh_fp8, _mmajor(dh_s), dhT, _mmajor(dhT_s), aT, _mmajor(aT_s)
 
@@ -1154,14 +1157,14 @@ def swiglu_backward(da, h_fp8, h_s, tiles, pow2=False, out_dtype=FP8):
                          f"{tuple(tiles.shape)}")
     if not _use_triton(da, quant_impl):
         return swiglu_backward_ref(da, h_fp8, h_s, tiles, pow2)
+    if h_fp8.stride() != (2 * I, 1):
+        raise ValueError(f"fp8.swiglu_backward: h_fp8 must be contiguous (M, 2I), got strides {h_fp8.stride()}")
     da = da.contiguous()
     T = tiles.shape[1]
     dh_fp8 = torch.empty(M, 2 * I, dtype=out_dtype, device=da.device)
     dh_s = _mmajor_empty(M, 2 * I // BLOCK, da.device)
     dhT, dhT_s = torch.empty(2 * I, T * BLOCK, dtype=out_dtype, device=da.device), _mmajor_empty(2 * I, T, da.device)
     aT, aT_s = torch.empty(I, T * BLOCK, dtype=out_dtype, device=da.device), _mmajor_empty(I, T, da.device)
-    if h_fp8.stride() != (2 * I, 1):
-        raise ValueError(f"fp8.swiglu_backward: h_fp8 must be contiguous (M, 2I), got strides {h_fp8.stride()}")
     if M:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), I // BLOCK)   # noqa: E731
         _swiglu_backward_rows_kernel[grid](da, h_fp8, h_s, dh_fp8, dh_s, M, I, da.stride(0), h_fp8.stride(0),
@@ -1220,7 +1223,6 @@ def _(dy, dy_s, x, x_s, offs, pow2_dy, pow2_x, out_dtype, tiles=None, kblocks=No
     return [dy.new_empty(offs.shape[0], dy.shape[1] // chunks, x.shape[1], dtype=out_dtype) for _ in range(chunks)]
 
 
-
 @torch.library.custom_op("fp8::quant_t", mutates_args=())
 def quant_t_op(x: Tensor, x_s: Optional[Tensor], pow2: bool, tiles: Tensor) -> tuple[Tensor, Tensor]:
     """act_quant_t of x (M, K) into the experts' Wgrad layout (tiles from _group_tiles): x^T
@@ -1277,6 +1279,7 @@ def _(da, h_fp8, h_s, tiles, pow2):
     return (da.new_empty(M, 2 * I, dtype=FP8), _mmajor_empty(M, 2 * I // BLOCK, dev),
             da.new_empty(2 * I, T * BLOCK, dtype=FP8), _mmajor_empty(2 * I, T, dev),
             da.new_empty(I, T * BLOCK, dtype=FP8), _mmajor_empty(I, T, dev))
+
 
 FPROP_OPS = {torch.ops.fp8.gemm.default, torch.ops.fp8.grouped_gemm.default}   # the forward GEMMs (moe.MATMULS)
 

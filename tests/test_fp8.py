@@ -651,8 +651,8 @@ def test_triton_quant_matches_torch(device, pow2):
 @kernel_devices
 @pytest.mark.parametrize("pow2", [False, True])
 def test_triton_swiglu_kernels_match_their_twins(device, pow2):
-    """swiglu_quant and swiglu_backward (one pass each over their inputs) against the steps they
-    fuse, written in plain torch. h's FP8 cache involves no transcendental function and matches bit
+    """swiglu_quant (one kernel) and swiglu_backward (two, one per tiling) against their twins, the
+    steps they fuse, in plain torch. h's FP8 cache involves no transcendental function and matches bit
     for bit; the SwiGLU's outputs go through a sigmoid, whose last FP32 bits differ between torch and
     the kernel (an approximate exponent and division), so they are held to the twin within a few
     FP8 roundings (rel 1e-3; a wrong tile or channel would be off by O(1)) and to FP64 within FP8's
