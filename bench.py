@@ -12,14 +12,14 @@ Benchmarks, one section per part of the system: `python bench.py <what>`.
                             activation recomputation (3.2.3): peak GPU memory and step time of
                             forward+backward with recompute off and on, and whether the gradients agree
     python bench.py step [--preset=small --batch_size=16 --seq_len=2048 --fp8=0 --compile=1 --recompute=0 --graphs=0
-                          --clip=0 --route=auto]
+                          --clip=0 --route=auto --top=30]
                             one training step (forward, backward, optimizer), BF16 or with FP8
                             GEMMs, compiled (model and AdamW) or eager (--graphs=1: replayed as CUDA
                             graphs; --clip=1: with train.py's gradient clipping; --route=torch: the
                             router's three torch.topk calls, not its kernel, moe.route_impl): the first step's
                             time (compilation), torch.compile's graphs and graph breaks, the step's
                             time and MFU, then where the time goes under the profiler: GPU busy time
-                            against wall time, kernel time by kind, the top kernels
+                            against wall time, kernel time by kind, the top kernels (--top=N of them)
     torchrun --nproc_per_node=8 bench.py ep [--tokens=4096 --dim=7168 --topk=8 --experts=256 --local_world=4]
                             expert parallelism (comm.py): dispatch and combine GB/s per rank against a raw
                             all_to_all_single of the same bytes, BF16 and FP8, flat and hierarchical
@@ -347,7 +347,7 @@ def bench_memory(preset="small", batch_size=4, seq_len=2048, compile=0):
 
 
 def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, recompute=0, graphs=0, clip=0,
-               route="auto"):
+               route="auto", top=30):
     """A training step under the profiler: the CUDA kernels that take the time. Compiled, it also
     reports the first step's time (compilation and autotuning) and the graphs and graph breaks
     torch.compile made (an FP8 model should be one graph: fp8.py's steps are custom ops).
@@ -356,7 +356,8 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
     the GPU), to see what the host's share of the step is. clip=1: with train.py's gradient clipping
     (the norm, and its factor applied inside AdamW's update), so that the step is train.py's step
     and what train.py logs beyond it is the loop's own cost. route: moe.route_impl, "auto" (the fused
-    router kernel on a GPU), "torch" (three torch.topk calls per layer) or "triton" (the kernel)."""
+    router kernel on a GPU), "torch" (three torch.topk calls per layer) or "triton" (the kernel).
+    top: how many kernels the last table lists (by their total time)."""
     import comm
     import model
     import moe
@@ -416,7 +417,7 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
         kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, name, re.I)), "other")
         by_kind[kind] = by_kind.get(kind, 0.0) + t
     print("kernel time by kind: " + ", ".join(f"{k} {t:.1f} ms" for k, t in sorted(by_kind.items(), key=lambda kv: -kv[1])))
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=90))
 
 
 # Kernel names by what they do (first match wins): the profile of a step, summed per kind.
