@@ -365,7 +365,9 @@ def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8, transposed=Fals
     # W^T for Dgrad: the same kernel reads w through its transposed strides and writes the same
     # bytes transposed (its scales are s^T, not stored again). It replaces torch's copy of y's
     # transpose: 801 us against 213 us for 7168x18432 on the H200 (bench.py fp8). A kernel that
-    # stored each tile twice, as y and y^T, wrote wrong bytes on the H200 with Triton 3.6.
+    # stored each tile twice, as y and y^T, wrote wrong bytes on the H200 with Triton 3.6: FP8 stored
+    # both plainly and transposed from one kernel is triton-lang/triton#11111 (the bundled ptxas 12.9;
+    # reported clean with ptxas 13.3, and with int8 stores), so w is read twice instead.
     yT = torch.empty(E, K, N, dtype=out_dtype, device=y.device) if transposed else None
 
     def launch(src, dst, dst_s, store_s):  # src (E, R, C), any strides -> dst (E, R, C), rows of stride(1)
