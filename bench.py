@@ -1024,6 +1024,8 @@ if __name__ == "__main__":
     import moe
     if kwargs.get("route", "auto") not in moe.ROUTE_IMPLS:  # before the GPU check: a typo is named first
         sys.exit(f"bench.py {what}: --route={kwargs['route']}; choose one of {', '.join(moe.ROUTE_IMPLS)}")
+    if "top" in kwargs and not (isinstance(kwargs["top"], int) and kwargs["top"] > 0):
+        sys.exit(f"bench.py {what}: --top={kwargs['top']}; it is how many kernels the last table lists, a whole number from 1")
     if what in GPU_ONLY and not torch.cuda.is_available():
         sys.exit(f"bench.py {what} measures GPU memory and kernels: it needs CUDA, which this machine does not "
                  f"have (bench.py fp8 runs its emulation part on the CPU)")

@@ -130,6 +130,9 @@ def test_scripts_without_tracebacks():
         for what in ("memory", "step"):
             code, _, err = script("bench.py", what)
             assert code == 1 and "needs CUDA" in err and "Traceback" not in err
+    for top in ("0", "ten", "-3"):  # named before the GPU check, not after a whole benchmark
+        code, _, err = script("bench.py", "step", f"--top={top}")
+        assert code == 1 and f"--top={top}" in err and "a whole number from 1" in err and "Traceback" not in err
 
 
 def test_gpt2_offline_is_one_line(tmp_path, monkeypatch):
