@@ -1200,31 +1200,6 @@ def _(a, a_s, b, b_s, offs, out_dtype, tiles=None):
     return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
 
 
-@torch.library.custom_op("fp8::grouped_wgrad", mutates_args=())
-def grouped_wgrad_op(dy: Tensor, dy_s: Optional[Tensor], x: Tensor, x_s: Optional[Tensor], offs: Tensor,
-                     pow2_dy: bool, pow2_x: bool, out_dtype: torch.dtype, tiles: Optional[Tensor] = None,
-                     kblocks: Optional[Tensor] = None, chunks: int = 1) -> list[Tensor]:
-    """dW[e] (N, K) = dy[rows of e]^T x[rows of e] for every expert e, as `chunks` tensors
-    (E, N/chunks, K), dy's columns cut in equal parts (the SwiGLU's w1 and w3 from one [dh1 | dh3],
-    x re-tiled once for both). dy (M, N) and x (M, K) as for wgrad_op; each expert's tokens are
-    padded to whole 128-token tiles on their own, so that no tile holds two experts' tokens, into a
-    fixed cdiv(M, 128) + E - 1 tiles (the rows past offs[-1] are in none). tiles, kblocks:
-    _group_tiles(offs, M), if already built."""
-    if tiles is None or kblocks is None:
-        tiles, kblocks = _group_tiles(offs, dy.shape[0])
-    with _no_autocast(dy):
-        dyT, dyT_s = act_quant_t(dy, dy_s, pow2=pow2_dy, tiles=tiles)    # (N, Mp)
-        xT, xT_s = act_quant_t(x, x_s, pow2=pow2_x, tiles=tiles)         # (K, Mp)
-        n = dy.shape[1] // chunks
-        return [fp8_grouped_gemm_k(dyT[i * n:(i + 1) * n], dyT_s[i * n:(i + 1) * n], xT, xT_s, kblocks, out_dtype)
-                for i in range(chunks)]
-
-
-@grouped_wgrad_op.register_fake
-def _(dy, dy_s, x, x_s, offs, pow2_dy, pow2_x, out_dtype, tiles=None, kblocks=None, chunks=1):
-    return [dy.new_empty(offs.shape[0], dy.shape[1] // chunks, x.shape[1], dtype=out_dtype) for _ in range(chunks)]
-
-
 @torch.library.custom_op("fp8::quant_t", mutates_args=())
 def quant_t_op(x: Tensor, x_s: Optional[Tensor], pow2: bool, tiles: Tensor) -> tuple[Tensor, Tensor]:
     """act_quant_t of x (M, K) into the experts' Wgrad layout (tiles from _group_tiles): x^T
@@ -1400,8 +1375,11 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dy_fp8, dy_s = quant_op(dy, pow2)                            # (M, N)
             dx = grouped_gemm_op(dy_fp8, dy_s, wT_fp8, w_s.transpose(1, 2), offs, x_dtype)  # Dgrad (M, K)
-        if ctx.needs_input_grad[1]:
-            dw, = grouped_wgrad_op(dy, None, x_fp8, x_s, offs, pow2, pow2, w_dtype)        # Wgrad (E, N, K)
+        if ctx.needs_input_grad[1]:  # Wgrad (E, N, K): dy and x in 128x1 tiles, each expert's tokens padded apart
+            tiles, kblocks = _group_tiles(offs, dy.shape[0])
+            dyT, dyT_s = quant_t_op(dy, None, pow2, tiles)
+            xT, xT_s = quant_t_op(x_fp8, x_s, pow2, tiles)              # re-tiled from the FP8 cache
+            dw = grouped_gemm_k_op(dyT, dyT_s, xT, xT_s, kblocks, w_dtype)
         return dx, dw, None, None, None, None
 
 

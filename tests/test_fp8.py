@@ -284,8 +284,6 @@ def _op_cases():
         "gemm": (ops.gemm.default, (x_fp8, x_s, w_fp8[:192], w_s, torch.bfloat16)),
         "wgrad": (ops.wgrad.default, (torch.randn(100, 192), None, x_fp8, x_s, 192, 250, False, True, torch.float32)),
         "grouped_gemm": (ops.grouped_gemm.default, (x_fp8, x_s, we_fp8, we_s, offs, torch.float32)),
-        "grouped_wgrad": (ops.grouped_wgrad.default, (g_fp8, g_s, activations(100, 256), None, offs, True, False,
-                                                      torch.float32, None, None, 2)),
         "quant_t": (ops.quant_t.default, (x_fp8, x_s, True, tiles)),
         "grouped_gemm_k": (ops.grouped_gemm_k.default, (*ops.quant_t(g_fp8, g_s, True, tiles),
                                                         *ops.quant_t(x_fp8, x_s, True, tiles), kblocks, torch.float32)),
@@ -295,8 +293,8 @@ def _op_cases():
     }
 
 
-@pytest.mark.parametrize("name", ["quant", "weight_quant", "gemm", "wgrad", "grouped_gemm", "grouped_wgrad", "quant_t",
-                                  "grouped_gemm_k", "swiglu_quant", "swiglu_backward"])
+@pytest.mark.parametrize("name", ["quant", "weight_quant", "gemm", "wgrad", "grouped_gemm", "quant_t", "grouped_gemm_k",
+                                  "swiglu_quant", "swiglu_backward"])
 def test_custom_ops_fake_impls_match_real(name):
     """torch.library.opcheck: the fake implementation gives the real outputs' shapes, dtypes and
     strides, also under dynamic shapes through AOTAutograd. Its schema test compares the inputs
@@ -819,7 +817,8 @@ def test_triton_experts_read_no_counts_on_the_host(device, monkeypatch):
 def test_fp8_experts_build_their_tables_once(impl, monkeypatch):
     """fp8_experts builds its tile tables once per layer, not once per GEMM: the row tiles in the
     forward for the four row GEMMs (Triton path only), the Wgrad token tiles in the backward for the
-    two Wgrad calls; the result is the same as with tables built inside each op."""
+    SwiGLU backward and the re-tilings of dy and x; the result is the same as with the row tiles
+    built inside each grouped GEMM."""
     device = DEVICES[0] if impl == "triton" else "cpu"
     x, w1, w2, w3, offs = (t.to(device) for t in _experts_case([3, 200, 0, 64], uncovered=45))
     dy = torch.randn_like(x)
@@ -835,8 +834,7 @@ def test_fp8_experts_build_their_tables_once(impl, monkeypatch):
     got = _run_experts(x, w1, w2, w3, offs, dy)
     assert calls == ({"rows": 1, "wgrad": 1} if impl == "triton" else {"wgrad": 1})
     ops = torch.ops.fp8
-    monkeypatch.setattr(fp8, "grouped_gemm_op", lambda *a: ops.grouped_gemm(*a[:6]))      # the tables not handed in:
-    monkeypatch.setattr(fp8, "grouped_wgrad_op", lambda *a, **k: ops.grouped_wgrad(*a[:8], **k))  # each op builds its own
+    monkeypatch.setattr(fp8, "grouped_gemm_op", lambda *a: ops.grouped_gemm(*a[:6]))  # row tiles not handed in: built inside
     for g, r in zip(got, _run_experts(x, w1, w2, w3, offs, dy)):
         assert torch.equal(g, r)
 
