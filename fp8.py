@@ -133,6 +133,23 @@ try:
 except ImportError:  # a CPU-only install: the torch paths below still work
     HAS_TRITON = False
 
+
+def _use_torch_ptxas():
+    """Let Triton assemble with the ptxas that comes with torch's CUDA build (torch/bin/ptxas, CUDA
+    13.0 with torch 2.11+cu130) instead of its own (12.8 with Triton 3.6), as torch.compile does for
+    its kernels when it compiles them in this process (torch._inductor's _set_triton_ptxas_path):
+    every Triton kernel of the process is then built by the same assembler, whoever compiles first.
+    Triton's ptxas 12.8 miscompiles weight_quant's one-read W^T store (triton-lang/triton#11111;
+    measured on the H200, 2026-12-02: a quarter of W^T's bytes wrong, none with 13.0). A path the
+    user set (TRITON_PTXAS_PATH) is left alone."""
+    ptxas = os.path.join(os.path.dirname(torch.__file__), "bin", "ptxas")
+    if "TRITON_PTXAS_PATH" not in os.environ and os.path.isfile(ptxas) and os.access(ptxas, os.X_OK):
+        os.environ["TRITON_PTXAS_PATH"] = ptxas
+
+
+if HAS_TRITON:
+    _use_torch_ptxas()
+
 gemm_impl = "auto"    # "auto" | "triton" | "scaled_mm" | "torch"
 quant_impl = "auto"   # "auto" | "triton" | "torch"
 pow2_scales = False   # True: every scale a power of two; False: those 3.3.3 names only (see above)
@@ -268,12 +285,15 @@ if HAS_TRITON:
                           s_ptr + offs_m * stride_sm + pid_k * stride_sk, mask_m, POW2)
 
     @triton.jit
-    def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, NB, stride_we, stride_wn, stride_wk, stride_ye, stride_yn,
-                             stride_se, stride_sn, stride_sk, BLOCK_K: tl.constexpr, POW2: tl.constexpr,
-                             STORE_S: tl.constexpr):
-        # one program: one 128x128 block of matrix e = pid_n // NB (NB: row blocks per matrix). w is
-        # read through its strides, so a transposed view of it quantizes into its transpose: the
-        # same block, hence the same scale and the same bytes (fp8.weight_quant(transposed=True)).
+    def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, yT_ptr, NB, stride_we, stride_wn, stride_wk, stride_ye, stride_yn,
+                             stride_se, stride_sn, stride_sk, stride_yTe, stride_yTk, BLOCK_K: tl.constexpr,
+                             POW2: tl.constexpr, TRANSPOSED: tl.constexpr, BYTES: tl.constexpr):
+        # one program: one 128x128 block of matrix e = pid_n // NB (NB: row blocks per matrix), read
+        # once; its FP8 values go to y, and with TRANSPOSED to yT at the transposed addresses too
+        # (W^T for Dgrad: the same bytes, its scales s^T). BYTES: y and yT are uint8 views of FP8
+        # tensors and the kernel stores the FP8 bits as bytes, the form that came out right on the
+        # H200 with ptxas 13.0; with Triton's ptxas 12.8 the transposed store is wrong whether it
+        # stores FP8 or bytes (triton-lang/triton#11111), so TRANSPOSED waits for one_read_transpose.
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         e, nb = pid_n // NB, pid_n % NB
         offs_n = nb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -281,9 +301,14 @@ if HAS_TRITON:
         w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk).to(tl.float32)
         s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
         y = _scaled(w, s, POW2)
-        tl.store(y_ptr + e * stride_ye + offs_n[:, None] * stride_yn + offs_k[None, :], y.to(y_ptr.dtype.element_ty))
-        if STORE_S:
-            tl.store(s_ptr + e * stride_se + nb * stride_sn + pid_k * stride_sk, s)
+        if BYTES:
+            y = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        else:  # FP32 (the interpreter's check) or any other dtype y_ptr holds
+            y = y.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + e * stride_ye + offs_n[:, None] * stride_yn + offs_k[None, :], y)
+        if TRANSPOSED:
+            tl.store(yT_ptr + e * stride_yTe + offs_k[None, :] * stride_yTk + offs_n[:, None], y)
+        tl.store(s_ptr + e * stride_se + nb * stride_sn + pid_k * stride_sk, s)
 
     @_tuned([triton.Config({"BLOCK_K": bk}, num_warps=w) for bk, w in ((64, 4), (128, 8), (128, 4), (32, 4))],
             key=["stride_xm", "HAS_XS"])
@@ -342,6 +367,25 @@ def act_quant(x, block_size=BLOCK, pow2=False, out_dtype=FP8):
     return y.view(x.shape), s.view(*x.shape[:-1], K // block_size)
 
 
+_one_read = {}
+
+
+def one_read_transpose():
+    """Whether weight_quant may store W and W^T from one read of w: under the interpreter, or where
+    Triton assembles with ptxas 13 or newer (see _use_torch_ptxas; the one read saved 41% of the
+    pair's time on the H200: 199 against 338 us for 7168x18432, bench.py fp8)."""
+    if INTERPRET:
+        return True
+    if "ok" not in _one_read:
+        try:
+            from triton.backends.nvidia.compiler import get_ptxas
+            major, minor = torch.cuda.get_device_capability()
+            _one_read["ok"] = int(get_ptxas(10 * major + minor).version.split(".")[0]) >= 13
+        except (ImportError, RuntimeError, ValueError, AttributeError):
+            _one_read["ok"] = False
+    return _one_read["ok"]
+
+
 def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8, transposed=False):
     """128x128 blocks: w (..., N, K) -> w_fp8 (..., N, K), s (..., N/128, K/128) in FP32.
     transposed=True also returns w_fp8^T (..., K, N) contiguous, for Dgrad (its scales: s^T).
@@ -362,27 +406,34 @@ def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8, transposed=Fals
     N, E = sum(wi.shape[-2] for wi in ws), math.prod(lead)
     y = torch.empty(E, N, K, dtype=out_dtype, device=ws[0].device)
     s = torch.empty(E, N // block_size, K // block_size, dtype=torch.float32, device=y.device)
-    # W^T for Dgrad: the same kernel reads w through its transposed strides and writes the same
-    # bytes transposed (its scales are s^T, not stored again). It replaces torch's copy of y's
-    # transpose: 801 us against 213 us for 7168x18432 on the H200 (bench.py fp8). A kernel that
-    # stored each tile twice, as y and y^T, wrote wrong bytes on the H200 with Triton 3.6: FP8 stored
-    # both plainly and transposed from one kernel is triton-lang/triton#11111 (the bundled ptxas 12.9;
-    # reported clean with ptxas 13.3, and with int8 stores), so w is read twice instead.
+    # W^T for Dgrad from the same read of w: each block is stored twice, as y and at the transposed
+    # addresses of yT. It replaces reading w a second time through its transposed strides (338 us for
+    # 7168x18432 on the H200, bench.py fp8) and, before that, torch's copy of y's transpose (801 us).
+    # Where the assembler would get that store wrong (one_read_transpose), w is read a second time
+    # through its transposed strides instead: the same block, so the same scale and the same bytes.
     yT = torch.empty(E, K, N, dtype=out_dtype, device=y.device) if transposed else None
+    as_bytes = out_dtype == FP8
+    view = lambda t: t.view(torch.uint8) if as_bytes else t  # noqa: E731
 
-    def launch(src, dst, dst_s, store_s):  # src (E, R, C), any strides -> dst (E, R, C), rows of stride(1)
+    def launch(src, dst, dst_s, dstT=None):  # src (E, R, C), any strides -> dst (E, R, C), rows of stride(1)
         R, C = src.shape[-2:]
+        T = dst if dstT is None else dstT
         _weight_quant_kernel[(E * (R // block_size), C // block_size)](
-            src, dst, dst_s, R // block_size, *src.stride(), dst.stride(0), dst.stride(1), *dst_s.stride(),
-            BLOCK_K=block_size, POW2=pow2, STORE_S=store_s, num_warps=8)
+            src, dst, dst_s, T, R // block_size, *src.stride(), dst.stride(0), dst.stride(1), *dst_s.stride(),
+            T.stride(0), T.stride(1), BLOCK_K=block_size, POW2=pow2, TRANSPOSED=dstT is not None, BYTES=as_bytes,
+            num_warps=8)
     n0 = 0
     for wi in ws:
         n = wi.shape[-2]
         w3 = wi.reshape(E, n, K)                                   # a view, for the weights we quantize
-        rows = slice(n0 // block_size, (n0 + n) // block_size)
-        launch(w3, y[:, n0:n0 + n], s[:, rows], True)
-        if transposed:
-            launch(w3.transpose(-2, -1), yT[:, :, n0:n0 + n], s, False)
+        dst, dst_s = view(y[:, n0:n0 + n]), s[:, n0 // block_size:(n0 + n) // block_size]
+        if not transposed:
+            launch(w3, dst, dst_s)
+        elif one_read_transpose():
+            launch(w3, dst, dst_s, view(yT[:, :, n0:n0 + n]))
+        else:  # (the scales, written again through s^T, are the same numbers in the same places)
+            launch(w3, dst, dst_s)
+            launch(w3.transpose(-2, -1), view(yT[:, :, n0:n0 + n]), dst_s.transpose(-2, -1))
         n0 += n
     y, s = y.view(*lead, N, K), s.view(*lead, N // block_size, K // block_size)
     return (y, s, yT.view(*lead, K, N)) if transposed else (y, s)
