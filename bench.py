@@ -147,8 +147,8 @@ def bench_fp8(profile_dir=None):
              ("  power-of-two scales (the experts')", "x 16384x7168", lambda: fp8.act_quant_t(x8p, xsp, pow2=True),
               n * 2 + n // 16),
              ("weight_quant  128x128, FP32 in", "w 7168x18432", lambda: fp8.weight_quant(w), nw * 5),
-             ("weight_quant  and W^T (w read twice)", "w 7168x18432", lambda: fp8.weight_quant(w, transposed=True),
-              nw * 10),
+             ("weight_quant  and W^T (w read once)", "w 7168x18432", lambda: fp8.weight_quant(w, transposed=True),
+              nw * 6),
              ("torch's copy of W_fp8^T (before)", "w 7168x18432", lambda: w8.t().contiguous(), nw * 2))
     # the routed experts' SwiGLU and its quantizations, fused (fp8.swiglu_quant / swiglu_backward)
     # against the steps they replace (torch's elementwise ops eager, then the quantizer kernels; for
@@ -359,6 +359,7 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
     router kernel on a GPU), "torch" (three torch.topk calls per layer) or "triton" (the kernel).
     top: how many kernels the last table lists (by their total time)."""
     import comm
+    import fp8 as fp8_module  # (fp8 is the flag)
     import model
     import moe
     import train
@@ -418,6 +419,17 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
         by_kind[kind] = by_kind.get(kind, 0.0) + t
     print("kernel time by kind: " + ", ".join(f"{k} {t:.1f} ms" for k, t in sorted(by_kind.items(), key=lambda kv: -kv[1])))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=90))
+    # what the experts' GEMMs ran on: how uneven the routed rows were (this batch, summed over the
+    # steps above; the bias is not updated here), and the configs the autotuner chose
+    loads = [mod.load.float() for mod in m.modules() if isinstance(mod, moe.MoE)]
+    if loads:
+        top_share = [(load.max() / load.sum()).item() for load in loads]
+        print(f"routed rows: the busiest expert has {min(top_share):.1%}-{max(top_share):.1%} of a layer's rows "
+              f"(even: {1 / loads[0].numel():.1%})")
+    for name in ("_fp8_gemm_rows_grouped_kernel", "_fp8_gemm_k_grouped_kernel", "_fp8_gemm_kernel"):
+        kernel = getattr(fp8_module, name, None)
+        for key, cfg in getattr(kernel, "cache", {}).items():
+            print(f"autotuned {name} {key[:3]}: {cfg}")
 
 
 # Kernel names by what they do (first match wins): the profile of a step, summed per kind. Inductor's
