@@ -140,7 +140,7 @@ def _use_torch_ptxas():
     its kernels when it compiles them in this process (torch._inductor's _set_triton_ptxas_path):
     every Triton kernel of the process is then built by the same assembler, whoever compiles first.
     Triton's ptxas 12.8 miscompiles weight_quant's one-read W^T store (triton-lang/triton#11111;
-    measured on the H200, 2026-12-02: a quarter of W^T's bytes wrong, none with 13.0). A path the
+    measured on the H200, 2026-12-02: 25-37% of W^T's bytes wrong, none with 13.0). A path the
     user set (TRITON_PTXAS_PATH) is left alone."""
     ptxas = os.path.join(os.path.dirname(torch.__file__), "bin", "ptxas")
     if "TRITON_PTXAS_PATH" not in os.environ and os.path.isfile(ptxas) and os.access(ptxas, os.X_OK):
