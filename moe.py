@@ -238,18 +238,26 @@ class LocalDispatcher:
         flat = idx.flatten()  # (N*K,) expert of each (token, k) pair
         order = flat.argsort(stable=True)  # pairs grouped by expert
         counts = tokens_per_expert(flat, self.n_experts)  # (E,)
-        return replicate_rows(h, order, K), counts, LocalHandle(order, g)
+        handle = LocalHandle(order, g)
+        return replicate_rows(h, order, K, handle.position), counts, handle
 
     def dispatch_async(self, h, idx, g=None):
         result = self.dispatch(h, idx, g)
         return lambda: result
 
     def combine(self, y, handle):
-        y = torch.empty_like(y).index_copy_(0, handle.order, y)  # (N*K, D) in (token, k) order
+        y = unsort_rows(y, handle.order, handle.position)  # (N*K, D) in (token, k) order
         if handle.g is None:
             return y
         N, K = handle.g.shape
         return (y.view(N, K, -1) * handle.g.unsqueeze(-1).to(y.dtype)).sum(1)  # (N, D)
+
+
+def inverse_order(order):
+    """position with position[order[i]] = i: where each (token, k) pair went in the sorted order."""
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    return position
 
 
 class ReplicateRows(torch.autograd.Function):
@@ -260,31 +268,53 @@ class ReplicateRows(torch.autograd.Function):
     kernel of this kind at 2.4 ms of 89 ms, not yet re-timed with this backward)."""
 
     @staticmethod
-    def forward(ctx, h, order, K):
-        ctx.save_for_backward(order)
+    def forward(ctx, h, order, K, position):
+        ctx.save_for_backward(position)
         ctx.K = K
         return h[order // K]
 
     @staticmethod
     def backward(ctx, dx):
-        (order,) = ctx.saved_tensors
-        position = torch.empty_like(order)
-        position[order] = torch.arange(order.numel(), device=order.device)  # where each (token, k) pair went
-        N, D = order.numel() // ctx.K, dx.shape[-1]
+        (position,) = ctx.saved_tensors
+        N, D = position.numel() // ctx.K, dx.shape[-1]
         total = dx[position].view(N, ctx.K, D).sum(1, dtype=torch.promote_types(dx.dtype, torch.float32))
-        return total.to(dx.dtype), None, None
+        return total.to(dx.dtype), None, None, None
 
 
-def replicate_rows(h, order, K):
-    """h (N, D) -> (N*K, D): row order[i] // K of h at i (ReplicateRows; its plain twin is the indexing)."""
-    return ReplicateRows.apply(h, order, K)
+def replicate_rows(h, order, K, position=None):
+    """h (N, D) -> (N*K, D): row order[i] // K of h at i (ReplicateRows; its plain twin is the indexing).
+    position: inverse_order(order), if the caller has it."""
+    return ReplicateRows.apply(h, order, K, inverse_order(order) if position is None else position)
+
+
+class UnsortRows(torch.autograd.Function):
+    """y[position]: the rows of y (sorted by expert) back in (token, k) order, as a gather, whose
+    backward is the gather dy[order]. Its plain twin is the scatter torch.empty_like(y).index_copy_(0,
+    order, y), the same rows; as a gather, torch.compile fuses it into the weighted sum over each
+    token's K rows that follows in combine (the scatter wrote all N*K rows, and the sum read them back)."""
+
+    @staticmethod
+    def forward(ctx, y, order, position):
+        ctx.save_for_backward(order)
+        return y[position]
+
+    @staticmethod
+    def backward(ctx, dy):
+        (order,) = ctx.saved_tensors
+        return dy[order], None, None
+
+
+def unsort_rows(y, order, position):
+    return UnsortRows.apply(y, order, position)
 
 
 class LocalHandle:
-    """What combine needs: the sort order, the gates if given; x_q: no rows arrived in FP8 here."""
+    """What combine needs: the sort order and its inverse, the gates if given; x_q: no rows arrived
+    in FP8 here."""
 
     def __init__(self, order, g):
         self.order, self.g, self.x_q = order, g, None
+        self.position = inverse_order(order)
 
 
 class Experts(nn.Module):

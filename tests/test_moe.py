@@ -174,6 +174,30 @@ def test_replicated_rows_match_indexing_forward_and_backward(dtype):
         assert ((fast.grad.double() - by_hand).abs() <= by_hand.abs() * 2 ** -8 + 1e-30).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_gather_matches_the_scatter(dtype):
+    """combine puts the rows back by a gather (UnsortRows: y[position], backward dy[order]); its twin
+    is the scatter index_copy_(0, order, y) under autograd. A permutation either way: the routed sum,
+    and the gradients of y and of the gates, are the same bits."""
+    N, K, D = 41, 3, 6
+    order = torch.randperm(N * K)
+    y0, g0, dout = torch.randn(N * K, D), torch.rand(N, K), torch.randn(N, D)
+    handle = moe.LocalHandle(order, None)
+    assert torch.equal(handle.position[order], torch.arange(N * K))
+    outs = []
+    for fast in (True, False):
+        y, g = y0.to(dtype).requires_grad_(), g0.clone().requires_grad_()
+        rows = moe.unsort_rows(y, order, handle.position) if fast else torch.empty_like(y).index_copy(0, order, y)
+        out = (rows.view(N, K, D) * g.unsqueeze(-1).to(dtype)).sum(1)
+        out.backward(dout.to(dtype))
+        outs.append((out, y.grad, g.grad))
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    d = moe.LocalDispatcher(8)                                   # and the dispatcher's own combine
+    x, _, handle = d.dispatch(torch.randn(N, D), torch.stack([torch.randperm(8)[:K] for _ in range(N)]))
+    assert torch.equal(d.combine(x, handle), torch.empty_like(x).index_copy_(0, handle.order, x))
+
+
 def test_bias_update_sign_and_size():
     layer = moe.MoE(moe_args(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2))
     layer.gate.bias.copy_(torch.tensor([0.1, -0.2, 0.0, 0.3]))
