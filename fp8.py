@@ -117,6 +117,7 @@ lets the unused ones return at once) or a loop over experts (the reference: it r
 the host); their dimensions must be multiples of 128 (FP8Linear pads its own).
 """
 
+import functools
 import math
 import os
 from typing import Optional
@@ -367,23 +368,19 @@ def act_quant(x, block_size=BLOCK, pow2=False, out_dtype=FP8):
     return y.view(x.shape), s.view(*x.shape[:-1], K // block_size)
 
 
-_one_read = {}
-
-
+@functools.cache
 def one_read_transpose():
     """Whether weight_quant may store W and W^T from one read of w: under the interpreter, or where
     Triton assembles with ptxas 13 or newer (see _use_torch_ptxas; the one read saved 41% of the
-    pair's time on the H200: 199 against 338 us for 7168x18432, bench.py fp8)."""
+    pair's time on the H200: 200 against 338 us for 7168x18432, bench.py fp8)."""
     if INTERPRET:
         return True
-    if "ok" not in _one_read:
-        try:
-            from triton.backends.nvidia.compiler import get_ptxas
-            major, minor = torch.cuda.get_device_capability()
-            _one_read["ok"] = int(get_ptxas(10 * major + minor).version.split(".")[0]) >= 13
-        except (ImportError, RuntimeError, ValueError, AttributeError):
-            _one_read["ok"] = False
-    return _one_read["ok"]
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        major, minor = torch.cuda.get_device_capability()
+        return int(get_ptxas(10 * major + minor).version.split(".")[0]) >= 13
+    except (ImportError, RuntimeError, ValueError, AttributeError):
+        return False
 
 
 def weight_quant(w, block_size=BLOCK, pow2=False, out_dtype=FP8, transposed=False):

@@ -655,14 +655,17 @@ def test_triton_quant_matches_torch(device, pow2, one_read, monkeypatch):
 @pytest.mark.parametrize("version, ok", [("12.8", False), ("12.9", False), ("13.0", True), ("13.3", True)])
 def test_one_read_transpose_needs_ptxas_13(version, ok, monkeypatch):
     """weight_quant stores W^T from the same read only where ptxas is 13 or newer: 12.8 (Triton
-    3.6's own) wrote a quarter of W^T's bytes wrong on the H200."""
+    3.6's own) wrote 25-37% of W^T's bytes wrong on the H200."""
     pytest.importorskip("triton")
     import triton.backends.nvidia.compiler as nv
     monkeypatch.setattr(fp8, "INTERPRET", False)
-    monkeypatch.setattr(fp8, "_one_read", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(nv, "get_ptxas", lambda arch: type("Tool", (), dict(path="ptxas", version=version)))
-    assert fp8.one_read_transpose() is ok
+    fp8.one_read_transpose.cache_clear()
+    try:
+        assert fp8.one_read_transpose() is ok
+    finally:
+        fp8.one_read_transpose.cache_clear()   # the next caller asks the real ptxas
 
 
 @kernel_devices
