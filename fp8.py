@@ -339,6 +339,24 @@ if HAS_TRITON:
         _store_quant_cols(x, y_ptr + offs_k[None, :] * stride_yk + offs_out[:, None], s_ptr + pid_m * stride_smb + offs_k,
                           POW2)
 
+    @_tuned([triton.Config({}, num_warps=w) for w in (8, 4, 16)], key=["stride_xm"])
+    @triton.jit
+    def _act_quant_dual_kernel(x_ptr, y_ptr, s_ptr, yT_ptr, sT_ptr, M, stride_xm, stride_ym, stride_sm, stride_sk,
+                               stride_yTk, stride_sTmb, BLOCK: tl.constexpr, POW2: tl.constexpr):
+        # one program: one 128 x 128 block of x, read once and stored in both tilings: 1x128 tiles
+        # (a scale per token) to y, 128x1 tiles (a scale per channel) transposed to yT. Tokens past
+        # M read as 0: y skips them, yT gets them as its zero padding.
+        pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+        offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+        mask_m = offs_m < M
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        x = x.to(tl.float32)
+        _store_quant_rows(x, y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :],
+                          s_ptr + offs_m * stride_sm + pid_k * stride_sk, mask_m, POW2)
+        _store_quant_cols(x, yT_ptr + offs_k[None, :] * stride_yTk + offs_m[:, None],
+                          sT_ptr + pid_m * stride_sTmb + offs_k, POW2)
+
 
 def _mmajor_empty(M, KB, device):
     """Scales (M, KB) stored M-major, the layout cuBLAS's 1x128 scaling reads."""
@@ -470,6 +488,28 @@ def act_quant_t(x, x_s=None, block_size=BLOCK, pow2=False, out_dtype=FP8, tiles=
                               s.stride(1), HAS_XS=x_s is not None, GROUPED=tiles is not None,
                               BLOCK_M=block_size, QBLOCK=block_size, POW2=pow2)
     return y, s
+
+
+def act_quant_dual(x, block_size=BLOCK, pow2=False, out_dtype=FP8):
+    """Both tilings of x (M, K) from one read: act_quant(x) and act_quant_t(x), that is x_fp8 (M, K)
+    with s (M, K/128) in 1x128 tiles, and x^T (K, Mp) with scales (K, Mp/128) in 128x1 tiles,
+    tokens zero-padded to a multiple of 128; K a multiple of 128. FP8Linear's backward quantizes
+    dy so, for its Dgrad and its Wgrad: one read of dy instead of two. Where the assembler gets
+    a tile's second, transposed store wrong (one_read_transpose), the two quantizers run apart."""
+    _check_multiple(x.shape[-1], "last dim of the activation", block_size)
+    if not _use_triton(x, quant_impl) or not one_read_transpose():
+        return (*act_quant(x, block_size, pow2, out_dtype), *act_quant_t(x, None, block_size, pow2, out_dtype))
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    M, K = x.shape
+    nb = triton.cdiv(M, block_size)
+    y, s = torch.empty(M, K, dtype=out_dtype, device=x.device), _mmajor_empty(M, K // block_size, x.device)
+    yT, sT = torch.empty(K, nb * block_size, dtype=out_dtype, device=x.device), _mmajor_empty(K, nb, x.device)
+    if nb:
+        _act_quant_dual_kernel[(nb, K // block_size)](x, y, s, yT, sT, M, x.stride(0), y.stride(0), s.stride(0),
+                                                      s.stride(1), yT.stride(0), sT.stride(1), BLOCK=block_size,
+                                                      POW2=pow2)
+    return y, s, yT, sT
 
 # -----------------------------------------------------------------------------
 # 2. The GEMM: FP8 products per 128-deep K-block, promoted to an FP32 accumulator (3.3.2)
@@ -851,36 +891,56 @@ def _(a, a_s, b, b_s, out_dtype):
     return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
 
 
+@torch.library.custom_op("fp8::quant_dual", mutates_args=())
+def quant_dual_op(x: Tensor, pow2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """act_quant_dual of x (M, N), N padded to Np: x_fp8 (M, Np) and scales (M, Np/128) M-major in
+    1x128 tiles (Dgrad), x^T (Np, Mp) and scales (Np, Mp/128) in 128x1 tiles (Wgrad)."""
+    with _no_autocast(x):
+        y, s, yT, sT = act_quant_dual(_padded(x), pow2=pow2)
+    return y, _mmajor(s), yT, _mmajor(sT)                           # (the torch path's are row-major)
+
+
+@quant_dual_op.register_fake
+def _(x, pow2):
+    M, Np = x.shape[0], _round_up(x.shape[1])
+    Mp = _round_up(M)
+    return (x.new_empty(M, Np, dtype=FP8), _mmajor_empty(M, Np // BLOCK, x.device),
+            x.new_empty(Np, Mp, dtype=FP8), _mmajor_empty(Np, Mp // BLOCK, x.device))
+
+
 @torch.library.custom_op("fp8::wgrad", mutates_args=())
-def wgrad_op(dy: Tensor, dy_s: Optional[Tensor], x: Tensor, x_s: Optional[Tensor], n: int, k: int,
-             pow2_dy: bool, pow2_x: bool, out_dtype: torch.dtype) -> Tensor:
-    """dW (n, k) = dy^T x, a sum over the M tokens, both operands in 128x1 tiles (along tokens).
-    dy (M, >= n) and x (M, >= k) are each BF16/FP32 (quantized here) or FP8 in 1x128 tiles with
-    their scales (re-tiled here); columns past n and k are padding."""
-    with _no_autocast(dy):
-        dyT, dyT_s = act_quant_t(dy, dy_s, pow2=pow2_dy)           # (>= n, Mp), 128x1 tiles of dy
+def wgrad_op(dyT: Tensor, dyT_s: Tensor, x: Tensor, x_s: Optional[Tensor], n: int, k: int, pow2_x: bool,
+             out_dtype: torch.dtype) -> Tensor:
+    """dW (n, k) = dy^T x, a sum over the M tokens, both operands in 128x1 tiles (along tokens):
+    dyT (>= n, Mp) is dy already so tiled (quant_dual); x (M, >= k) is BF16/FP32 (quantized here)
+    or FP8 in 1x128 tiles with its scales (re-tiled here). Rows past n and columns past k are padding."""
+    with _no_autocast(dyT):
         xT, xT_s = act_quant_t(x, x_s, pow2=pow2_x)                # (>= k, Mp), 128x1 tiles of x
         return fp8_gemm(dyT[:n], dyT_s[:n], xT[:k], xT_s[:k], out_dtype)
 
 
 @wgrad_op.register_fake
-def _(dy, dy_s, x, x_s, n, k, pow2_dy, pow2_x, out_dtype):
-    return dy.new_empty(n, k, dtype=out_dtype)
+def _(dyT, dyT_s, x, x_s, n, k, pow2_x, out_dtype):
+    return dyT.new_empty(n, k, dtype=out_dtype)
 
 # -----------------------------------------------------------------------------
 # 5. FP8Linear: Fprop, Dgrad and Wgrad in FP8, the input cached in FP8 (3.3.1, Figure 6; 3.3.3)
 
 
 class _FP8LinearFn(torch.autograd.Function):
+    """y = x [W_1; W_2; ...]^T: one weight, or several that share the input x (linears below),
+    each padded to whole 128-blocks of rows and run as one GEMM; y (M, N), or (M, sum of the
+    padded N_i) for several."""
 
     @staticmethod
-    def forward(ctx, x, weight, out_dtype, pow2):
-        N, K = weight.shape
+    def forward(ctx, x, out_dtype, pow2, *weights):
+        K, N = weights[0].shape[1], weights[0].shape[0] if len(weights) == 1 else None
         x_fp8, x_s = quant_op(x, pow2 or pow2_scales)                 # (M, Kp), (M, Kp/128)
-        w_fp8, w_s, wT_fp8 = weight_quant_op([weight], pow2_scales)   # (Np, Kp), (Np/128, Kp/128), (Kp, Np)
-        y = gemm_op(x_fp8, x_s, w_fp8[:N], w_s, out_dtype)            # Fprop (M, N)
+        w_fp8, w_s, wT_fp8 = weight_quant_op(list(weights), pow2_scales)   # (Np, Kp), (Np/128, Kp/128), (Kp, Np)
+        y = gemm_op(x_fp8, x_s, w_fp8[:N], w_s, out_dtype)            # Fprop (M, N or Np)
         ctx.save_for_backward(x_fp8, x_s, wT_fp8[:K], w_s)            # x kept in FP8, not BF16
-        ctx.pow2, ctx.dtypes = (pow2 or pow2_scales, pow2_scales), (x.dtype, weight.dtype)
+        ctx.pow2, ctx.dtypes = (pow2 or pow2_scales, pow2_scales), (x.dtype, weights[0].dtype)
+        ctx.rows = [w.shape[0] for w in weights]
         return y
 
     @staticmethod
@@ -888,14 +948,20 @@ class _FP8LinearFn(torch.autograd.Function):
         x_fp8, x_s, wT_fp8, w_s = ctx.saved_tensors
         (pow2_x, pow2), (x_dtype, w_dtype) = ctx.pow2, ctx.dtypes
         N, K = dy.shape[1], wT_fp8.shape[0]
-        dx = dw = None
+        dx, wgrad = None, any(ctx.needs_input_grad[3:])
         dy = dy.contiguous()
+        if wgrad:  # both tilings of dy from one read: 1x128 over N, 128x1 over tokens
+            dy_fp8, dy_s, dyT, dyT_s = quant_dual_op(dy, pow2)
+        else:
+            dy_fp8, dy_s = quant_op(dy, pow2)
         if ctx.needs_input_grad[0]:
-            dy_fp8, dy_s = quant_op(dy, pow2)                         # (M, Np), 1x128 over N
             dx = gemm_op(dy_fp8, dy_s, wT_fp8, w_s.t(), x_dtype)      # Dgrad (M, K): W^T, the same blocks
-        if ctx.needs_input_grad[1]:  # Wgrad (N, K): 128x1 tiles of dy, and of x re-tiled from the cache
-            dw = wgrad_op(dy, None, x_fp8, x_s, N, K, pow2, pow2_x, w_dtype)   # FP32 for FP32 masters
-        return dx, dw, None, None
+        dws = [None] * len(ctx.rows)
+        if wgrad:  # Wgrad (N, K), with x re-tiled from the cache; FP32 for FP32 masters
+            dw, n0 = wgrad_op(dyT, dyT_s, x_fp8, x_s, N, K, pow2_x, w_dtype), 0
+            for i, n in enumerate(ctx.rows):                          # each weight's rows (past its padding)
+                dws[i], n0 = dw[n0:n0 + n], n0 + _round_up(n)
+        return dx, None, None, *dws
 
 
 def _compute_dtype(x):
@@ -905,9 +971,28 @@ def _compute_dtype(x):
 
 def fp8_linear(x, weight, pow2=False):
     """y = x @ weight^T with all three GEMMs in FP8; x (..., K), weight (N, K), any N and K.
-    pow2: x's scales are powers of two (its Wgrad re-tiling is then lossless)."""
-    y = _FP8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, _compute_dtype(x), pow2)  # (M, N)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    pow2: x's scales are powers of two (its Wgrad re-tiling is then lossless).
+    weight may be a list of weights (N_i, K) that share the input x: the list of their outputs,
+    from one quantization of x (and of x's re-tiling, and of the gradients' sum) and one GEMM of
+    each kind over [W_1; W_2; ...], each W_i padded to whole 128-blocks of rows."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if not isinstance(weight, (list, tuple)):
+        return _FP8LinearFn.apply(x2, _compute_dtype(x), pow2, weight).view(*x.shape[:-1], weight.shape[0])
+    y, outs, n0 = _FP8LinearFn.apply(x2, _compute_dtype(x), pow2, *weight), [], 0   # (M, sum of padded N_i)
+    for w in weight:
+        outs.append(y[:, n0:n0 + w.shape[0]].view(*x.shape[:-1], w.shape[0]))
+        n0 += _round_up(w.shape[0])
+    return outs
+
+
+def linears(x, *layers):
+    """[layer(x) for layer in layers], for Linear layers that share their input (W^DQ and W^DKV,
+    an MLP's w1 and w3). Where they are all FP8Linear (with the same pow2), x is quantized once in
+    forward and once re-tiled in backward, and each of the three GEMMs runs once over the stacked
+    weights (fp8_linear with a list); other layers are simply called."""
+    if len(layers) > 1 and all(type(m) is FP8Linear for m in layers) and len({m.pow2 for m in layers}) == 1:
+        return fp8_linear(x, [m.weight for m in layers], layers[0].pow2)
+    return [m(x) for m in layers]
 
 
 class FP8Linear(nn.Linear):

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fp8
 from moe import ATTENTION, MATMULS, MLP, MoE, recompute
 
 attn_impl = "absorb"  # decoding over the latent cache: "absorb" (W^UK, W^UV folded in) or "naive"
@@ -176,8 +177,7 @@ def linear_cls(args):
     not whole 128-blocks (W^DKV: 576 rows at V3 shapes), as the released FP8 weights do. pow2: the
     input's FP8 scales are powers of two (3.3.3, W^O); nothing in BF16."""
     if args.fp8:
-        from fp8 import FP8Linear
-        return FP8Linear
+        return fp8.FP8Linear
     return lambda in_features, out_features, bias=False, pow2=False: nn.Linear(in_features, out_features, bias=bias)
 
 
@@ -269,9 +269,9 @@ class MLA(nn.Module):
 
     def down(self, x):
         """Pre-norm and down-projections: c_q (B, T, d'_c) and [c_kv, k_rope] (B, T, d_c + d^R_h)."""
-        h = self.norm(x)
-        q = self.w_dq(h) if self.args.q_lora_rank > 0 else self.w_q(h)
-        return q, self.w_dkv(h)
+        h = self.norm(x)   # in FP8 quantized once for both: one GEMM of [W^DQ; W^DKV] (fp8.linears)
+        q, kv = fp8.linears(h, self.w_dq if self.args.q_lora_rank > 0 else self.w_q, self.w_dkv)
+        return q, kv
 
     def queries(self, q, cos, sin):
         """[q^C; q^R] per head (eqs. 7-8): (B, T, H, d_h) and (B, T, H, d^R_h) rotated."""

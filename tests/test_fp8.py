@@ -251,6 +251,36 @@ def test_fp8_linear_pads_partial_blocks_with_zeros(K, N):
     assert w_s[-1, -1] == last.abs().max() / 448
 
 
+
+@pytest.mark.parametrize("rows", [(256, 128), (192, 80, 128)], ids=["whole blocks", "padded rows"])
+def test_linears_sharing_an_input_quantize_it_once_and_match_separate_layers(rows):
+    """fp8.linears(x, a, b, ...) (W^DQ and W^DKV, an MLP's w1 and w3): x is quantized once and
+    re-tiled once, dy's of all layers once in both tilings, and each GEMM runs once over the stacked
+    weights; the outputs and gradients are those of the layers called one by one. The tiles are
+    the same (a weight's rows are padded to whole blocks, so no tile of [dy_a | dy_b] straddles two
+    layers), so only the order of the FP32 sums differs: Dgrad sums the layers' products in one
+    accumulator instead of adding two (measured up to 1e-7; we allow 1e-6)."""
+    M, K = 100, 256
+    x, dys = activations(M, K), [torch.randn(M, n) for n in rows]
+    layers = [fp8.FP8Linear(K, n) for n in rows]
+    runs = []
+    for together in (True, False):
+        xx = x.clone().requires_grad_(True)
+        for m in layers:
+            m.weight.grad = None
+        with CountOps() as ops:
+            ys = fp8.linears(xx, *layers) if together else [m(xx) for m in layers]
+            sum((y * dy).sum() for y, dy in zip(ys, dys)).backward()
+        runs.append(([y.detach() for y in ys] + [xx.grad] + [m.weight.grad for m in layers], ops))
+    (got, ops), (ref, ops_ref) = runs
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape and rel(g, r) < 1e-6
+    assert ops.quants == [((M, K), False)]                              # x, once; dy: in quant_dual
+    assert ops.calls["gemm"] == 2 and ops.calls["wgrad"] == ops.calls["quant_dual"] == 1
+    assert ops_ref.calls["gemm"] == 2 * len(rows) and ops_ref.calls["quant_dual"] == len(rows)
+    plain = [nn.Linear(K, n, bias=False) for n in rows]                 # not FP8: simply called
+    assert all(torch.equal(y, m(x)) for y, m in zip(fp8.linears(x, *plain), plain))
+
 def test_every_linear_of_an_fp8_model_is_fp8_at_v3_shapes():
     """fp8=True: every Linear inside the blocks is FP8Linear, W^DKV (576 rows) included, with the
     released block grid (weight_scale_inv of kv_a_proj_with_mqa is (5, 56)); only W^O's input has
@@ -282,7 +312,9 @@ def _op_cases():
         "quant": (ops.quant.default, (activations(100, 200), True)),
         "weight_quant": (ops.weight_quant.default, ([torch.randn(3, 192, 256), torch.randn(3, 128, 256)], False)),
         "gemm": (ops.gemm.default, (x_fp8, x_s, w_fp8[:192], w_s, torch.bfloat16)),
-        "wgrad": (ops.wgrad.default, (torch.randn(100, 192), None, x_fp8, x_s, 192, 250, False, True, torch.float32)),
+        "quant_dual": (ops.quant_dual.default, (torch.randn(100, 200), True)),
+        "wgrad": (ops.wgrad.default, (*ops.quant_dual(torch.randn(100, 192), False)[2:], x_fp8, x_s, 192, 250, True,
+                                      torch.float32)),
         "grouped_gemm": (ops.grouped_gemm.default, (x_fp8, x_s, we_fp8, we_s, offs, torch.float32)),
         "quant_t": (ops.quant_t.default, (x_fp8, x_s, True, tiles)),
         "grouped_gemm_k": (ops.grouped_gemm_k.default, (*ops.quant_t(g_fp8, g_s, True, tiles),
@@ -293,7 +325,7 @@ def _op_cases():
     }
 
 
-@pytest.mark.parametrize("name", ["quant", "weight_quant", "gemm", "wgrad", "grouped_gemm", "quant_t", "grouped_gemm_k",
+@pytest.mark.parametrize("name", ["quant", "quant_dual", "weight_quant", "gemm", "wgrad", "grouped_gemm", "quant_t", "grouped_gemm_k",
                                   "swiglu_quant", "swiglu_backward"])
 def test_custom_ops_fake_impls_match_real(name):
     """torch.library.opcheck: the fake implementation gives the real outputs' shapes, dtypes and
@@ -555,10 +587,12 @@ def test_recompute_keeps_fp8_gemm_outputs():
         runs[recompute] = ops.calls, grads
     (off, g_off), (on, g_on) = runs[False], runs[True]
     n_linear = sum(isinstance(m, fp8.FP8Linear) for m in blocks.modules())
-    assert n_linear == 16 and off["gemm"] == 2 * n_linear            # Fprop + Dgrad of each FP8Linear
+    # each block's 8 FP8Linears run as 6 GEMMs: [W^DQ; W^DKV], W^UQ, W^UKV, W^O, the MLP's [w1; w3], w2
+    n_gemm = 6 * len(blocks)
+    assert n_linear == 16 and off["gemm"] == 2 * n_gemm              # Fprop + Dgrad of each
     assert on["gemm"] - off["gemm"] == 2 * len(blocks)               # W^UQ's and W^UKV's Fprop again
     assert on["grouped_gemm"] == off["grouped_gemm"] == 2 + 2        # experts: [w1; w3], w2; Dgrads of w2, [w1; w3]
-    assert on["wgrad"] == off["wgrad"] == n_linear and on["grouped_gemm_k"] == off["grouped_gemm_k"] == 3
+    assert on["wgrad"] == off["wgrad"] == on["quant_dual"] == n_gemm and on["grouped_gemm_k"] == off["grouped_gemm_k"] == 3
     for a, b in zip(g_on, g_off):
         assert rel(a, b) < 1e-6
 
@@ -642,14 +676,18 @@ def test_triton_quant_matches_torch(device, pow2, one_read, monkeypatch):
                         (fp8.act_quant_t, fp8.act_quant_ref(x), groups),
                         (fp8.weight_quant, (w,), dict(transposed=True)),
                         (fp8.weight_quant, (experts,), dict(transposed=True)),
-                        (fp8.weight_quant, ([experts, experts2],), dict(transposed=True))):   # [w1; w3]
+                        (fp8.weight_quant, ([experts, experts2],), dict(transposed=True)),   # [w1; w3]
+                        (fp8.act_quant_dual, (x,), {})):
         fp8.quant_impl = "torch"
         ref = f(*args, pow2=pow2, **kw)
         fp8.quant_impl = "triton"
         got = f(*args, pow2=pow2, out_dtype=out, **kw)
-        assert torch.equal(got[1], ref[1]), f.__name__                          # scales
-        for g, r in zip(got[:1] + got[2:], ref[:1] + ref[2:]):                  # FP8 values (and W^T)
-            assert g.shape == r.shape and torch.equal(_bits(g), _bits(r)), f.__name__
+        scales = [1, 3] if f is fp8.act_quant_dual else [1]                   # act_quant's, then act_quant_t's
+        for i, (g, r) in enumerate(zip(got, ref)):
+            if i in scales:
+                assert torch.equal(g, r), f.__name__
+            else:                                                             # FP8 values (and W^T)
+                assert g.shape == r.shape and torch.equal(_bits(g), _bits(r)), f.__name__
 
 
 @pytest.mark.parametrize("version, ok", [("12.8", False), ("12.9", False), ("13.0", True), ("13.3", True)])
