@@ -948,6 +948,30 @@ def test_fp8_linear_gpu_matches_torch_path(impl):
 
 
 @cuda_only
+@pytest.mark.parametrize("rows", [(1536, 512), (1536, 576)], ids=["cuBLAS", "padded rows"])
+def test_linears_gpu_match_torch_path(rows):
+    """fp8.linears on the GPU (stacked weights, act_quant_dual or its two quantizers, cuBLAS where
+    the padded N takes it, else Triton) against the torch path on the same GPU: V3's W^DQ and W^DKV
+    at a smaller K; 576 rows pad to 640, 5 blocks, which cuBLAS's blockwise kernel refuses."""
+    M, K = 1000, 1024
+    x = activations(M, K, "cuda").to(torch.bfloat16)
+    dys = [torch.randn(M, n, device="cuda", dtype=torch.bfloat16) for n in rows]
+    layers = [fp8.FP8Linear(K, n, device="cuda") for n in rows]
+    res = {}
+    for name in ("torch", "auto"):
+        fp8.gemm_impl = fp8.quant_impl = name
+        xx = x.clone().requires_grad_(True)
+        for m in layers:
+            m.weight.grad = None
+        with torch.autocast("cuda", torch.bfloat16):
+            ys = fp8.linears(xx, *layers)
+        sum((y.float() * dy).sum() for y, dy in zip(ys, dys)).backward()
+        res[name] = (*ys, xx.grad, *(m.weight.grad for m in layers))
+    for g, r in zip(res["auto"], res["torch"]):
+        assert g.shape == r.shape and rel(g, r) < 5e-3         # BF16 outputs, same FP8 operands
+
+
+@cuda_only
 def test_scaled_mm_refuses_unaligned_block_scales_and_auto_falls_back():
     a, a_s = fp8.act_quant(activations(256, 768, "cuda"))
     b, b_s = fp8.weight_quant(torch.randn(256, 768, device="cuda"))   # rows of 768/128 = 6 scales
