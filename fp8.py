@@ -101,7 +101,10 @@ torch.compile (section 4)
 Every quantization and GEMM step is a torch.library custom op (torch.ops.fp8.*) with a fake
 implementation that gives its output shapes, and FP8Linear and the experts are autograd.Functions
 over those ops. torch.compile therefore keeps each step as one opaque node of a whole graph, with
-no graph break inside a block, and traces the Functions' backward too. The data-dependent work
+no graph break inside a block, with one exception by choice (fuse_quant): compiled, the 1x128
+quantization of a GEMM's input is traced as its plain twin's torch ops, which Inductor fuses into
+the kernel that produces the input, as DeepSeek fuses the FP8 cast into the operator before the
+GEMM (3.5.2). Compile traces the Functions' backward too. The data-dependent work
 stays on the device: the grouped GEMMs take the experts' row ends (offs) as a device tensor and
 build their tile tables from it there, over a bound that depends on the shapes alone (M tokens,
 E experts), so every output shape and launch grid is fixed and nothing waits for the counts on the
