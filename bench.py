@@ -350,7 +350,7 @@ def bench_memory(preset="small", batch_size=4, seq_len=2048, compile=0):
 
 
 def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, recompute=0, graphs=0, clip=0,
-               route="auto", top=30, fuse_quant=1):
+               route="auto", top=30):
     """A training step under the profiler: the CUDA kernels that take the time. Compiled, it also
     reports the first step's time (compilation and autotuning) and the graphs and graph breaks
     torch.compile made (an FP8 model should be one graph: fp8.py's steps are custom ops).
@@ -360,24 +360,17 @@ def bench_step(preset="small", batch_size=16, seq_len=2048, fp8=0, compile=1, re
     (the norm, and its factor applied inside AdamW's update), so that the step is train.py's step
     and what train.py logs beyond it is the loop's own cost. route: moe.route_impl, "auto" (the fused
     router kernel on a GPU), "torch" (three torch.topk calls per layer) or "triton" (the kernel).
-    top: how many kernels the last table lists (by their total time). fuse_quant (compiled FP8):
-    1 leaves the 1x128 quantization of the GEMMs' inputs to Inductor (fp8.fuse_quant, the default),
-    0 keeps the fp8::quant op, 2 also traces dy's two tilings (fp8._fuse_dual, an experiment)."""
+    top: how many kernels the last table lists (by their total time)."""
     import comm
     import fp8 as fp8_module  # (fp8 is the flag)
     import model
     import moe
     import train
     moe.route_impl = route  # Gate.route refuses a value it does not know
-    if fuse_quant not in (0, 1, 2):
-        raise ValueError(f"bench.py step: --fuse_quant={fuse_quant!r}; allowed: 0 (the fp8::quant op), "
-                         f"1 (traced for Inductor, the default), 2 (dy's two tilings too)")
-    fp8_module.fuse_quant, fp8_module._fuse_dual = fuse_quant >= 1, fuse_quant == 2
     _header(f"step: {preset}, batch {batch_size} x {seq_len}, bf16 autocast{', fp8' if fp8 else ''}"
             f"{', recompute' if recompute else ''}, {'compiled' if compile else 'eager'}"
             f"{', CUDA graphs' if graphs and compile else ''}{', gradient clipping' if clip else ''}"
-            f"{', torch.topk router' if route == 'torch' else ''}"
-            f"{f', fuse_quant={fuse_quant}' if fp8 and compile and fuse_quant != 1 else ''}")
+            f"{', torch.topk router' if route == 'torch' else ''}")
     m, x, y = _model_batch(preset, batch_size, seq_len, fp8=bool(fp8), recompute=bool(recompute))
     opt = train.AdamW([p for p in m.parameters()], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                       compiled=bool(compile))
@@ -1048,9 +1041,6 @@ if __name__ == "__main__":
         sys.exit(f"bench.py {what}: --route={kwargs['route']}; choose one of {', '.join(moe.ROUTE_IMPLS)}")
     if "top" in kwargs and not (isinstance(kwargs["top"], int) and kwargs["top"] > 0):
         sys.exit(f"bench.py {what}: --top={kwargs['top']}; it is how many kernels the last table lists, a whole number from 1")
-    if kwargs.get("fuse_quant", 1) not in (0, 1, 2):
-        sys.exit(f"bench.py {what}: --fuse_quant={kwargs['fuse_quant']}; allowed: 0 (the fp8::quant op), 1 (traced "
-                 f"for Inductor to fuse, the default), 2 (dy's two tilings too)")
     if what in GPU_ONLY and not torch.cuda.is_available():
         sys.exit(f"bench.py {what} measures GPU memory and kernels: it needs CUDA, which this machine does not "
                  f"have (bench.py fp8 runs its emulation part on the CPU)")

@@ -101,10 +101,7 @@ torch.compile (section 4)
 Every quantization and GEMM step is a torch.library custom op (torch.ops.fp8.*) with a fake
 implementation that gives its output shapes, and FP8Linear and the experts are autograd.Functions
 over those ops. torch.compile therefore keeps each step as one opaque node of a whole graph, with
-no graph break inside a block, with one exception by choice (fuse_quant): compiled, the 1x128
-quantization of a GEMM's input is traced as its plain twin's torch ops, which Inductor fuses into
-the kernel that produces the input, as DeepSeek fuses the FP8 cast into the operator before the
-GEMM (3.5.2). Compile traces the Functions' backward too. The data-dependent work
+no graph break inside a block, and traces the Functions' backward too. The data-dependent work
 stays on the device: the grouped GEMMs take the experts' row ends (offs) as a device tensor and
 build their tile tables from it there, over a bound that depends on the shapes alone (M tokens,
 E experts), so every output shape and launch grid is fixed and nothing waits for the counts on the
@@ -882,37 +879,6 @@ def _(ws, pow2):
             w.new_empty(*E, Kp, Np, dtype=FP8))
 
 
-# Compiled, the 1x128 quantization of an input is better left to Inductor than to the fp8::quant op:
-# traced as the plain twin's torch ops it fuses into the kernel that produces x (an RMSNorm, a
-# SwiGLU, the gather of the experts' rows), which then writes FP8 instead of writing x in BF16 for
-# the op to read back. fuse_quant = False keeps the op (the Triton kernel) there too; eager, it
-# always runs. The dual and 128x1 tilings stay ops: Inductor cannot write a transposed tiling in the
-# same kernel as its producer. _fuse_dual: the same for dy's two tilings (an experiment, see below).
-fuse_quant = True
-_fuse_dual = False
-
-
-def quant(x, pow2):
-    """quant_op's outputs for x (M, K): x_fp8 (M, Kp), scales (M, Kp/128) M-major; compiled with
-    fuse_quant, from the traced twin."""
-    if fuse_quant and torch.compiler.is_compiling():
-        with _no_autocast(x):
-            x_fp8, s = act_quant_ref(_padded(x), pow2=pow2)
-        return x_fp8, _mmajor(s)
-    return quant_op(x, pow2)
-
-
-def quant_dual(x, pow2):
-    """quant_dual_op's outputs for x (M, N); compiled with fuse_quant and _fuse_dual, the twins traced."""
-    if fuse_quant and _fuse_dual and torch.compiler.is_compiling():
-        with _no_autocast(x):
-            xp = _padded(x)
-            y, s = act_quant_ref(xp, pow2=pow2)
-            yT, sT = act_quant_t_ref(xp, pow2=pow2)
-        return y, _mmajor(s), yT, _mmajor(sT)
-    return quant_dual_op(x, pow2)
-
-
 @torch.library.custom_op("fp8::gemm", mutates_args=())
 def gemm_op(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, out_dtype: torch.dtype) -> Tensor:
     """fp8_gemm: c (M, N) = dequant(a) @ dequant(b)^T. FP8Linear's Fprop and Dgrad."""
@@ -969,7 +935,7 @@ class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, out_dtype, pow2, *weights):
         K, N = weights[0].shape[1], weights[0].shape[0] if len(weights) == 1 else None
-        x_fp8, x_s = quant(x, pow2 or pow2_scales)                    # (M, Kp), (M, Kp/128)
+        x_fp8, x_s = quant_op(x, pow2 or pow2_scales)                 # (M, Kp), (M, Kp/128)
         w_fp8, w_s, wT_fp8 = weight_quant_op(list(weights), pow2_scales)   # (Np, Kp), (Np/128, Kp/128), (Kp, Np)
         y = gemm_op(x_fp8, x_s, w_fp8[:N], w_s, out_dtype)            # Fprop (M, N or Np)
         ctx.save_for_backward(x_fp8, x_s, wT_fp8[:K], w_s)            # x kept in FP8, not BF16
@@ -985,9 +951,9 @@ class _FP8LinearFn(torch.autograd.Function):
         dx, wgrad = None, any(ctx.needs_input_grad[3:])
         dy = dy.contiguous()
         if wgrad:  # both tilings of dy from one read: 1x128 over N, 128x1 over tokens
-            dy_fp8, dy_s, dyT, dyT_s = quant_dual(dy, pow2)
+            dy_fp8, dy_s, dyT, dyT_s = quant_dual_op(dy, pow2)
         else:
-            dy_fp8, dy_s = quant(dy, pow2)
+            dy_fp8, dy_s = quant_op(dy, pow2)
         if ctx.needs_input_grad[0]:
             dx = gemm_op(dy_fp8, dy_s, wT_fp8, w_s.t(), x_dtype)      # Dgrad (M, K): W^T, the same blocks
         dws = [None] * len(ctx.rows)
@@ -1439,7 +1405,7 @@ class _FP8ExpertsFn(torch.autograd.Function):
         I = w1.shape[1]
         with torch.autocast(x.device.type, enabled=False):
             if x_fp8 is None:  # else x arrived in FP8 (comm.py's dispatch), quantized the same way
-                x_fp8, x_s = quant(x, True)                              # (M, D): once, for w1 and w3
+                x_fp8, x_s = quant_op(x, True)                           # (M, D): once, for w1 and w3
             w13_fp8, w13_s, w13T = weight_quant_op([w1, w3], pow2_scales)   # (E, 2I, D), blocks, (E, D, 2I)
             w2_fp8, w2_s, w2T = weight_quant_op([w2], pow2_scales)           # (E, D, I), blocks, (E, I, D)
             # the Triton kernels' row tiles, for all four row GEMMs (forward and backward); the loop reads offs
@@ -1461,7 +1427,7 @@ class _FP8ExpertsFn(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             tiles, kblocks = _group_tiles(offs, dy.shape[0])                  # Wgrad's 128-token tiles, for all three
             # the activation gradient before the down-projection: quantized once, for Dgrad and Wgrad
-            dy_fp8, dy_s = quant(dy.contiguous(), True)                       # (M, D)
+            dy_fp8, dy_s = quant_op(dy.contiguous(), True)                    # (M, D)
             da = grouped_gemm_op(dy_fp8, dy_s, w2T, w2_s.transpose(1, 2), offs, torch.float32, t)  # Dgrad (M, I)
             # one pass from da and the FP8 cache of h: [dh1 | dh3] in 1x128 tiles for the Dgrad and in
             # 128x1 tiles for the Wgrads, and a = silu(h1) h3, recomputed, in 128x1 tiles for w2's
@@ -1526,7 +1492,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, offs, out_dtype, x_fp8, x_s):
         if x_fp8 is None:
-            x_fp8, x_s = quant(x, pow2_scales)                           # (M, K), rows independent
+            x_fp8, x_s = quant_op(x, pow2_scales)                        # (M, K), rows independent
         w_fp8, w_s, wT_fp8 = weight_quant_op([w], pow2_scales)           # (E, N, K), (E, N/128, K/128), (E, K, N)
         y = grouped_gemm_op(x_fp8, x_s, w_fp8, w_s, offs, out_dtype)     # Fprop (M, N)
         ctx.save_for_backward(x_fp8, x_s, wT_fp8, w_s, offs)
@@ -1540,7 +1506,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         dx = dw = None
         dy = dy.contiguous()
         if ctx.needs_input_grad[0]:
-            dy_fp8, dy_s = quant(dy, pow2)                               # (M, N)
+            dy_fp8, dy_s = quant_op(dy, pow2)                            # (M, N)
             dx = grouped_gemm_op(dy_fp8, dy_s, wT_fp8, w_s.transpose(1, 2), offs, x_dtype)  # Dgrad (M, K)
         if ctx.needs_input_grad[1]:  # Wgrad (E, N, K): dy and x in 128x1 tiles, each expert's tokens padded apart
             tiles, kblocks = _group_tiles(offs, dy.shape[0])

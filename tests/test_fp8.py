@@ -619,33 +619,6 @@ def test_fp8_block_compiles_whole_and_matches_eager(layer, recompute):
     assert all(g.abs().sum() > 0 for g in eager[2:] if g.dim() >= 2)
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_compiled_fp8_block_traces_its_input_quantization(fuse, monkeypatch):
-    """fp8.fuse_quant: compiled, the 1x128 quantizations of the GEMMs' inputs (FP8Linear's x, the
-    experts' rows x and their dy) are the plain twin's torch ops in the graph, for Inductor to fuse
-    into the kernels that produce them, not fp8::quant ops; dy's two tilings stay one op. Under
-    aot_eager (the traced ops run as eager kernels) the numbers are eager's bit for bit."""
-    monkeypatch.setattr(fp8, "fuse_quant", fuse)
-    from torch._dynamo.backends.common import aot_autograd
-    targets = collections.Counter()
-
-    def record(gm, _):
-        targets.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm
-    torch._dynamo.reset()
-    args = _block_args()
-    cos, sin = model.precompute_rope(args)
-    x, w = torch.randn(2, 32, 128), torch.randn(2, 32, 128)
-    blocks = _blocks(args, (1,))
-    eager = _forward_backward(blocks, x, w, cos, sin)
-    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
-    compiled = _forward_backward(blocks, x, w, cos, sin, lambda b: torch.compile(b, fullgraph=True, backend=backend))
-    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
-    # the MoE block: [W^DQ; W^DKV], W^UQ, W^UKV, W^O, the shared experts' [w1; w3] and w2, the experts' x and dy
-    assert targets["fp8.quant.default"] == (0 if fuse else 6 + 2)
-    assert targets["fp8.quant_dual.default"] == 6 and targets["fp8.gemm.default"] == 12
-
-
 def test_fp8_transformer_traces_as_one_graph():
     """The whole FP8 model, loss and recompute included, is one graph for torch.compile."""
     torch._dynamo.reset()
