@@ -62,8 +62,11 @@ y = x W^T has three GEMMs, and all three take FP8 inputs and produce BF16/FP32 o
     Wgrad  dW = dy^T x     contraction over tokens, so dy^T and x^T are tiled 1x128 along the
                            token dimension (128x1 tiles of dy and x)
 The input x is saved for the backward pass in FP8 with its scales (3.3.3: "cache the activations
-in FP8"), half the bytes of BF16; the backward re-tiles it along tokens for Wgrad (lossless where
-its scales are powers of two, see above). Master weights, weight gradients and optimizer states
+in FP8"), half the bytes of BF16. The paper caches the 1x128 tiles and re-tiles them along tokens
+for Wgrad (lossless where the scales are powers of two, see above); FP8Linear instead quantizes x
+in both tilings from one read in the forward (act_quant_dual), feeds Fprop the 1x128 tiles and
+keeps the 128x1 ones: as many bytes, one pass over x fewer, and Wgrad's x rounded once from BF16.
+W^O's input keeps the paper's power-of-two scales all the same. Master weights, weight gradients and optimizer states
 stay in FP32/BF16 as the model holds them: FP8 is a property of the GEMMs only. A dimension that
 is not a whole number of 128-blocks (W^DKV's 576 = 512 + 64 rows at V3 shapes) is zero-padded to
 whole blocks inside the GEMMs, as the released FP8 weights pad it (576 rows, 5 block scales):
@@ -908,21 +911,6 @@ def _(x, pow2):
             x.new_empty(Np, Mp, dtype=FP8), _mmajor_empty(Np, Mp // BLOCK, x.device))
 
 
-@torch.library.custom_op("fp8::wgrad", mutates_args=())
-def wgrad_op(dyT: Tensor, dyT_s: Tensor, x: Tensor, x_s: Optional[Tensor], n: int, k: int, pow2_x: bool,
-             out_dtype: torch.dtype) -> Tensor:
-    """dW (n, k) = dy^T x, a sum over the M tokens, both operands in 128x1 tiles (along tokens):
-    dyT (>= n, Mp) is dy already so tiled (quant_dual); x (M, >= k) is BF16/FP32 (quantized here)
-    or FP8 in 1x128 tiles with its scales (re-tiled here). Rows past n and columns past k are padding."""
-    with _no_autocast(dyT):
-        xT, xT_s = act_quant_t(x, x_s, pow2=pow2_x)                # (>= k, Mp), 128x1 tiles of x
-        return fp8_gemm(dyT[:n], dyT_s[:n], xT[:k], xT_s[:k], out_dtype)
-
-
-@wgrad_op.register_fake
-def _(dyT, dyT_s, x, x_s, n, k, pow2_x, out_dtype):
-    return dyT.new_empty(n, k, dtype=out_dtype)
-
 # -----------------------------------------------------------------------------
 # 5. FP8Linear: Fprop, Dgrad and Wgrad in FP8, the input cached in FP8 (3.3.1, Figure 6; 3.3.3)
 
@@ -930,38 +918,41 @@ def _(dyT, dyT_s, x, x_s, n, k, pow2_x, out_dtype):
 class _FP8LinearFn(torch.autograd.Function):
     """y = x [W_1; W_2; ...]^T: one weight, or several that share the input x (linears below),
     each padded to whole 128-blocks of rows and run as one GEMM; y (M, N), or (M, sum of the
-    padded N_i) for several."""
+    padded N_i) for several. Where a Wgrad will follow (wgrad), x is quantized in both tilings
+    from one read (quant_dual): the 1x128 tiles feed Fprop and are dropped, the 128x1 tiles are
+    what backward keeps, as many FP8 bytes as the 1x128 cache and with no re-tiling to do there."""
 
     @staticmethod
-    def forward(ctx, x, out_dtype, pow2, *weights):
+    def forward(ctx, x, out_dtype, pow2, wgrad, *weights):
         K, N = weights[0].shape[1], weights[0].shape[0] if len(weights) == 1 else None
-        x_fp8, x_s = quant_op(x, pow2 or pow2_scales)                 # (M, Kp), (M, Kp/128)
+        pow2_x = pow2 or pow2_scales
+        if wgrad:
+            x_fp8, x_s, xT, xT_s = quant_dual_op(x, pow2_x)           # (M, Kp) 1x128; (Kp, Mp) 128x1
+        else:
+            (x_fp8, x_s), xT, xT_s = quant_op(x, pow2_x), None, None
         w_fp8, w_s, wT_fp8 = weight_quant_op(list(weights), pow2_scales)   # (Np, Kp), (Np/128, Kp/128), (Kp, Np)
         y = gemm_op(x_fp8, x_s, w_fp8[:N], w_s, out_dtype)            # Fprop (M, N or Np)
-        ctx.save_for_backward(x_fp8, x_s, wT_fp8[:K], w_s)            # x kept in FP8, not BF16
-        ctx.pow2, ctx.dtypes = (pow2 or pow2_scales, pow2_scales), (x.dtype, weights[0].dtype)
-        ctx.rows = [w.shape[0] for w in weights]
+        ctx.save_for_backward(wT_fp8[:K], w_s, *((xT[:K], xT_s[:K]) if wgrad else ()))   # x only in FP8
+        ctx.pow2, ctx.dtypes, ctx.rows = pow2_scales, (x.dtype, weights[0].dtype), [w.shape[0] for w in weights]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_fp8, x_s, wT_fp8, w_s = ctx.saved_tensors
-        (pow2_x, pow2), (x_dtype, w_dtype) = ctx.pow2, ctx.dtypes
-        N, K = dy.shape[1], wT_fp8.shape[0]
-        dx, wgrad = None, any(ctx.needs_input_grad[3:])
+        wT_fp8, w_s, *xT = ctx.saved_tensors
+        pow2, (x_dtype, w_dtype) = ctx.pow2, ctx.dtypes
+        N, dx, dws = dy.shape[1], None, [None] * len(ctx.rows)
         dy = dy.contiguous()
-        if wgrad:  # both tilings of dy from one read: 1x128 over N, 128x1 over tokens
+        if xT:  # both tilings of dy from one read: 1x128 over N, 128x1 over tokens
             dy_fp8, dy_s, dyT, dyT_s = quant_dual_op(dy, pow2)
         else:
             dy_fp8, dy_s = quant_op(dy, pow2)
         if ctx.needs_input_grad[0]:
             dx = gemm_op(dy_fp8, dy_s, wT_fp8, w_s.t(), x_dtype)      # Dgrad (M, K): W^T, the same blocks
-        dws = [None] * len(ctx.rows)
-        if wgrad:  # Wgrad (N, K), with x re-tiled from the cache; FP32 for FP32 masters
-            dw, n0 = wgrad_op(dyT, dyT_s, x_fp8, x_s, N, K, pow2_x, w_dtype), 0
+        if xT:  # Wgrad (N, K) = dy^T x, both in 128x1 tiles (a sum over tokens); FP32 for FP32 masters
+            dw, n0 = gemm_op(dyT[:N], dyT_s[:N], *xT, w_dtype), 0
             for i, n in enumerate(ctx.rows):                          # each weight's rows (past its padding)
                 dws[i], n0 = dw[n0:n0 + n], n0 + _round_up(n)
-        return dx, None, None, *dws
+        return dx, None, None, None, *dws
 
 
 def _compute_dtype(x):
@@ -971,14 +962,16 @@ def _compute_dtype(x):
 
 def fp8_linear(x, weight, pow2=False):
     """y = x @ weight^T with all three GEMMs in FP8; x (..., K), weight (N, K), any N and K.
-    pow2: x's scales are powers of two (its Wgrad re-tiling is then lossless).
+    pow2: x's scales are powers of two (3.3.3 rounds those of the Linear after attention).
     weight may be a list of weights (N_i, K) that share the input x: the list of their outputs,
-    from one quantization of x (and of x's re-tiling, and of the gradients' sum) and one GEMM of
+    from one quantization of x (both tilings) and of the gradients' sum, and one GEMM of
     each kind over [W_1; W_2; ...], each W_i padded to whole 128-blocks of rows."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if not isinstance(weight, (list, tuple)):
-        return _FP8LinearFn.apply(x2, _compute_dtype(x), pow2, weight).view(*x.shape[:-1], weight.shape[0])
-    y, outs, n0 = _FP8LinearFn.apply(x2, _compute_dtype(x), pow2, *weight), [], 0   # (M, sum of padded N_i)
+    x2, ws = x.reshape(-1, x.shape[-1]), weight if isinstance(weight, (list, tuple)) else [weight]
+    wgrad = torch.is_grad_enabled() and any(w.requires_grad for w in ws)
+    y = _FP8LinearFn.apply(x2, _compute_dtype(x), pow2, wgrad, *ws)           # (M, N), or (M, sum of padded N_i)
+    if ws is not weight:
+        return y.view(*x.shape[:-1], weight.shape[0])
+    outs, n0 = [], 0
     for w in weight:
         outs.append(y[:, n0:n0 + w.shape[0]].view(*x.shape[:-1], w.shape[0]))
         n0 += _round_up(w.shape[0])
@@ -987,8 +980,8 @@ def fp8_linear(x, weight, pow2=False):
 
 def linears(x, *layers):
     """[layer(x) for layer in layers], for Linear layers that share their input (W^DQ and W^DKV,
-    an MLP's w1 and w3). Where they are all FP8Linear (with the same pow2), x is quantized once in
-    forward and once re-tiled in backward, and each of the three GEMMs runs once over the stacked
+    an MLP's w1 and w3). Where they are all FP8Linear (with the same pow2), x is quantized once
+    (in both tilings, in forward), and each of the three GEMMs runs once over the stacked
     weights (fp8_linear with a list); other layers are simply called."""
     if len(layers) > 1 and all(type(m) is FP8Linear for m in layers) and len({m.pow2 for m in layers}) == 1:
         return fp8_linear(x, [m.weight for m in layers], layers[0].pow2)
@@ -1487,21 +1480,28 @@ def fp8_experts_ref(x, w1, w2, w3, offs, dy):
 
 
 class _FP8GroupedLinearFn(torch.autograd.Function):
-    """One grouped Linear, y[rows of e] = x[rows of e] @ w[e]^T: FP8Linear's three GEMMs per expert."""
+    """One grouped Linear, y[rows of e] = x[rows of e] @ w[e]^T: FP8Linear's three GEMMs per expert.
+    From BF16/FP32 x, Wgrad's 128x1 tiles of x are quantized in forward from x itself, as
+    FP8Linear does; x given in FP8 (x_fp8, dispatched so) is re-tiled in backward from that cache."""
 
     @staticmethod
-    def forward(ctx, x, w, offs, out_dtype, x_fp8, x_s):
+    def forward(ctx, x, w, offs, out_dtype, wgrad, x_fp8, x_s):
+        xT = xT_s = None
         if x_fp8 is None:
             x_fp8, x_s = quant_op(x, pow2_scales)                        # (M, K), rows independent
+            if wgrad:  # 128x1 tiles, each expert's tokens padded apart (the layout of Wgrad below)
+                xT, xT_s = quant_t_op(x, None, pow2_scales, _group_tiles(offs, x.shape[0])[0])
         w_fp8, w_s, wT_fp8 = weight_quant_op([w], pow2_scales)           # (E, N, K), (E, N/128, K/128), (E, K, N)
         y = grouped_gemm_op(x_fp8, x_s, w_fp8, w_s, offs, out_dtype)     # Fprop (M, N)
-        ctx.save_for_backward(x_fp8, x_s, wT_fp8, w_s, offs)
+        if xT is not None:
+            x_fp8 = x_s = None                                           # what Wgrad needs of x is xT
+        ctx.save_for_backward(x_fp8, x_s, xT, xT_s, wT_fp8, w_s, offs)
         ctx.pow2, ctx.dtypes = pow2_scales, (x.dtype, w.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_fp8, x_s, wT_fp8, w_s, offs = ctx.saved_tensors
+        x_fp8, x_s, xT, xT_s, wT_fp8, w_s, offs = ctx.saved_tensors
         pow2, (x_dtype, w_dtype) = ctx.pow2, ctx.dtypes
         dx = dw = None
         dy = dy.contiguous()
@@ -1511,9 +1511,10 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # Wgrad (E, N, K): dy and x in 128x1 tiles, each expert's tokens padded apart
             tiles, kblocks = _group_tiles(offs, dy.shape[0])
             dyT, dyT_s = quant_t_op(dy, None, pow2, tiles)
-            xT, xT_s = quant_t_op(x_fp8, x_s, pow2, tiles)              # re-tiled from the FP8 cache
+            if xT is None:
+                xT, xT_s = quant_t_op(x_fp8, x_s, pow2, tiles)          # re-tiled from the FP8 cache
             dw = grouped_gemm_k_op(dyT, dyT_s, xT, xT_s, kblocks, w_dtype)
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
 def fp8_grouped_linear(x, w, offs, x_q=None):
@@ -1523,7 +1524,8 @@ def fp8_grouped_linear(x, w, offs, x_q=None):
     like FP8Linear. x_q: x already quantized, (x_fp8 (M, K), x_s (M, K/128)) in 1x128 tiles."""
     _check_experts(w)
     x_fp8, x_s = x_q if x_q is not None else (None, None)
-    return _FP8GroupedLinearFn.apply(x, w, offs, _compute_dtype(x), x_fp8, x_s)
+    wgrad = torch.is_grad_enabled() and w.requires_grad
+    return _FP8GroupedLinearFn.apply(x, w, offs, _compute_dtype(x), wgrad, x_fp8, x_s)
 
 
 def fp8_grouped_linear_ref(x, w, offs):

@@ -264,7 +264,7 @@ class MLA(nn.Module):
         self.w_dkv = Linear(args.dim, args.kv_lora_rank + args.qk_rope_head_dim, bias=False)  # W^DKV and W^KR
         self.kv_norm = nn.RMSNorm(args.kv_lora_rank, eps=args.norm_eps)
         self.w_ukv = Linear(args.kv_lora_rank, H * (args.qk_nope_head_dim + args.v_head_dim), bias=False)  # W^UK, W^UV
-        self.w_o = Linear(H * args.v_head_dim, args.dim, bias=False, pow2=True)  # W^O (3.3.3: its input re-tiles losslessly)
+        self.w_o = Linear(H * args.v_head_dim, args.dim, bias=False, pow2=True)  # W^O (3.3.3: its input has power-of-two scales)
         self.scale = softmax_scale(args)
 
     def down(self, x):

@@ -215,17 +215,23 @@ def test_fp8_linear_against_fp64_and_bf16(M, K, N):
 
 
 def test_fp8_linear_caches_its_input_in_fp8():
-    lin, x = fp8.FP8Linear(256, 128), torch.randn(4, 24, 256, requires_grad=True)
+    """What backward keeps of x is x^T in FP8, in Wgrad's 128x1 tiles (96 tokens padded to 128),
+    quantized in forward from the same read as Fprop's 1x128 tiles; beside it only the FP8 weight
+    W^T (384 x 256 -> (256, 384)) and FP32 scales, one per 128 of their tensors' elements: no
+    BF16/FP32 copy of x."""
+    lin, x = fp8.FP8Linear(256, 384), torch.randn(4, 24, 256, requires_grad=True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), CountOps() as ops:
         y = lin(x)
-    assert y.shape == (4, 24, 128)
-    big = [t for t in saved if t.numel() == x.numel()]
-    assert len(big) == 1 and big[0].dtype == torch.float8_e4m3fn
-    # everything else is the FP8 weight and FP32 scales (1/128 of their tensor): no BF16/FP32 copy of x
-    assert all(t.dtype == torch.float8_e4m3fn or t.numel() * 128 <= x.numel() for t in saved)
+    assert y.shape == (4, 24, 384) and ops.calls["quant_dual"] == 1 and ops.calls["quant"] == 0
+    big = sorted((tuple(t.shape), t.dtype) for t in saved if t.numel() >= x.numel())
+    assert big == [((256, 128), torch.float8_e4m3fn), ((256, 384), torch.float8_e4m3fn)]
+    assert all(t.dtype == torch.float8_e4m3fn or t.numel() * 64 <= x.numel() for t in saved)
+    with torch.no_grad(), CountOps() as ops:                          # no Wgrad to come: 1x128 tiles only
+        lin(x)
+    assert ops.calls["quant"] == 1 and ops.calls["quant_dual"] == 0
     y.sum().backward()
-    assert x.grad.shape == x.shape and lin.weight.grad.shape == (128, 256)
+    assert x.grad.shape == x.shape and lin.weight.grad.shape == (384, 256)
 
 @pytest.mark.parametrize("K, N", [(256, 192), (96, 384), (160, 80)])
 def test_fp8_linear_pads_partial_blocks_with_zeros(K, N):
@@ -254,8 +260,8 @@ def test_fp8_linear_pads_partial_blocks_with_zeros(K, N):
 
 @pytest.mark.parametrize("rows", [(256, 128), (192, 80, 128)], ids=["whole blocks", "padded rows"])
 def test_linears_sharing_an_input_quantize_it_once_and_match_separate_layers(rows):
-    """fp8.linears(x, a, b, ...) (W^DQ and W^DKV, an MLP's w1 and w3): x is quantized once and
-    re-tiled once, dy's of all layers once in both tilings, and each GEMM runs once over the stacked
+    """fp8.linears(x, a, b, ...) (W^DQ and W^DKV, an MLP's w1 and w3): x is quantized once
+    (in both tilings), dy's of all layers once in both tilings, and each GEMM runs once over the stacked
     weights; the outputs and gradients are those of the layers called one by one. The tiles are
     the same (a weight's rows are padded to whole blocks, so no tile of [dy_a | dy_b] straddles two
     layers), so only the order of the FP32 sums differs: Dgrad sums the layers' products in one
@@ -275,9 +281,9 @@ def test_linears_sharing_an_input_quantize_it_once_and_match_separate_layers(row
     (got, ops), (ref, ops_ref) = runs
     for g, r in zip(got, ref):
         assert g.shape == r.shape and rel(g, r) < 1e-6
-    assert ops.quants == [((M, K), False)]                              # x, once; dy: in quant_dual
-    assert ops.calls["gemm"] == 2 and ops.calls["wgrad"] == ops.calls["quant_dual"] == 1
-    assert ops_ref.calls["gemm"] == 2 * len(rows) and ops_ref.calls["quant_dual"] == len(rows)
+    assert ops.calls["quant"] == 0 and ops.calls["quant_dual"] == 2     # x and dy, once each, both tilings
+    assert ops.calls["gemm"] == 3                                       # Fprop, Dgrad, Wgrad
+    assert ops_ref.calls["gemm"] == 3 * len(rows) and ops_ref.calls["quant_dual"] == 2 * len(rows)
     plain = [nn.Linear(K, n, bias=False) for n in rows]                 # not FP8: simply called
     assert all(torch.equal(y, m(x)) for y, m in zip(fp8.linears(x, *plain), plain))
 
@@ -313,8 +319,6 @@ def _op_cases():
         "weight_quant": (ops.weight_quant.default, ([torch.randn(3, 192, 256), torch.randn(3, 128, 256)], False)),
         "gemm": (ops.gemm.default, (x_fp8, x_s, w_fp8[:192], w_s, torch.bfloat16)),
         "quant_dual": (ops.quant_dual.default, (torch.randn(100, 200), True)),
-        "wgrad": (ops.wgrad.default, (*ops.quant_dual(torch.randn(100, 192), False)[2:], x_fp8, x_s, 192, 250, True,
-                                      torch.float32)),
         "grouped_gemm": (ops.grouped_gemm.default, (x_fp8, x_s, we_fp8, we_s, offs, torch.float32)),
         "quant_t": (ops.quant_t.default, (x_fp8, x_s, True, tiles)),
         "grouped_gemm_k": (ops.grouped_gemm_k.default, (*ops.quant_t(g_fp8, g_s, True, tiles),
@@ -325,7 +329,7 @@ def _op_cases():
     }
 
 
-@pytest.mark.parametrize("name", ["quant", "quant_dual", "weight_quant", "gemm", "wgrad", "grouped_gemm", "quant_t", "grouped_gemm_k",
+@pytest.mark.parametrize("name", ["quant", "quant_dual", "weight_quant", "gemm", "grouped_gemm", "quant_t", "grouped_gemm_k",
                                   "swiglu_quant", "swiglu_backward"])
 def test_custom_ops_fake_impls_match_real(name):
     """torch.library.opcheck: the fake implementation gives the real outputs' shapes, dtypes and
@@ -589,10 +593,12 @@ def test_recompute_keeps_fp8_gemm_outputs():
     n_linear = sum(isinstance(m, fp8.FP8Linear) for m in blocks.modules())
     # each block's 8 FP8Linears run as 6 GEMMs: [W^DQ; W^DKV], W^UQ, W^UKV, W^O, the MLP's [w1; w3], w2
     n_gemm = 6 * len(blocks)
-    assert n_linear == 16 and off["gemm"] == 2 * n_gemm              # Fprop + Dgrad of each
+    assert n_linear == 16 and off["gemm"] == 3 * n_gemm              # Fprop, Dgrad, Wgrad of each
     assert on["gemm"] - off["gemm"] == 2 * len(blocks)               # W^UQ's and W^UKV's Fprop again
     assert on["grouped_gemm"] == off["grouped_gemm"] == 2 + 2        # experts: [w1; w3], w2; Dgrads of w2, [w1; w3]
-    assert on["wgrad"] == off["wgrad"] == on["quant_dual"] == n_gemm and on["grouped_gemm_k"] == off["grouped_gemm_k"] == 3
+    assert on["grouped_gemm_k"] == off["grouped_gemm_k"] == 3 and off["quant_dual"] == 2 * n_gemm   # x's, dy's
+    # what runs again is the recomputed Linears' quantizations, of x (both tilings) and of W, and nothing else
+    assert on["quant_dual"] - off["quant_dual"] == on["weight_quant"] - off["weight_quant"] > 0
     for a, b in zip(g_on, g_off):
         assert rel(a, b) < 1e-6
 
