@@ -66,11 +66,11 @@ in FP8"), half the bytes of BF16. The paper caches the 1x128 tiles and re-tiles 
 for Wgrad (lossless where the scales are powers of two, see above); FP8Linear instead quantizes x
 in both tilings from one read in the forward (act_quant_dual), feeds Fprop the 1x128 tiles and
 keeps the 128x1 ones: as many bytes, one pass over x fewer, and Wgrad's x rounded once from BF16.
-W^O's input keeps the paper's power-of-two scales all the same. Master weights, weight gradients and optimizer states
-stay in FP32/BF16 as the model holds them: FP8 is a property of the GEMMs only. A dimension that
-is not a whole number of 128-blocks (W^DKV's 576 = 512 + 64 rows at V3 shapes) is zero-padded to
-whole blocks inside the GEMMs, as the released FP8 weights pad it (576 rows, 5 block scales):
-zeros change no block's max|x| and add nothing to a dot product.
+W^O's input keeps the paper's power-of-two scales all the same. Master weights, weight gradients
+and optimizer states stay in FP32/BF16 as the model holds them: FP8 is a property of the GEMMs
+only. A dimension that is not a whole number of 128-blocks (W^DKV's 576 = 512 + 64 rows at V3
+shapes) is zero-padded to whole blocks inside the GEMMs, as the released FP8 weights pad it (576
+rows, 5 block scales): zeros change no block's max|x| and add nothing to a dot product.
 
 The routed experts (3.3.3) run w2(silu(w1 x) * w3 x) with all nine GEMMs in FP8: x is quantized
 once for both up-projections, which run as one GEMM of [w1; w3]; the SwiGLU's inputs w1 x and w3 x

@@ -203,9 +203,9 @@ def _three_linears(M, K, N, device="cpu"):
 @pytest.mark.parametrize("M, K, N", [(96, 256, 384), (100, 256, 192), (100, 96, 128)])
 def test_fp8_linear_against_fp64_and_bf16(M, K, N):
     """Tolerance: E4M3 rounds each operand element by up to 2^-4 (about 2-3% RMS), so a GEMM of two
-    quantized operands is off by about 3.7% (measured, five seeds: up to 0.034 for y, 0.038 for dx
-    and dW; dW was 0.045 when its x was re-tiled from the 1x128 cache, rounded twice); BF16 is off
-    by 0.3%. We allow 0.05. 96 and 100 tokens: Wgrad pads them to 128; N = 192 and K = 96 are
+    quantized operands is off by about 3.7% (measured, five seeds: up to 0.034 for y, 0.038 for dx,
+    0.037 for dW; dW was 0.045 when its x was re-tiled from the 1x128 cache, rounded twice); BF16
+    is off by 0.3%. We allow 0.05. 96 and 100 tokens: Wgrad pads them to 128; N = 192 and K = 96 are
     padded to whole blocks (W^DKV-like)."""
     out = _three_linears(M, K, N)
     for i, tol in enumerate((0.05, 0.05, 0.05)):
