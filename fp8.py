@@ -596,7 +596,7 @@ if HAS_TRITON:
         nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
         nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
-    def _gemm_configs(group_m=True, maxnreg_64x128=None):
+    def _gemm_configs(group_m=8, maxnreg_64x128=None):
         # On the H200 64x128, 4 warps, 3 stages wins at all three benchmark shapes (bench.py fp8,
         # 2026-12-02; 4 stages before the one-scale promotion). Each K-block's MMA is waited for
         # before its promotion (wgmma.wait_group 0 in the PTX), so the tensor cores are kept busy by
@@ -606,11 +606,21 @@ if HAS_TRITON:
         # maxnreg_64x128=168 caps it for the third CTA (164, no spills). A variant that issued block
         # k+1's MMA before promoting block k lost everywhere: Triton still waits at once.
         def cfg(bm, bn, w, st):
-            meta = {"BLOCK_M": bm, "BLOCK_N": bn, **({"GROUP_M": 8} if group_m else {})}
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m}
             cap = maxnreg_64x128 if (bm, bn, w) == (64, 128, 4) else None
             return triton.Config(meta, num_warps=w, num_stages=st, maxnreg=cap, pre_hook=_set_boxes)
         return [cfg(64, 128, 4, 3), cfg(64, 128, 4, 4), cfg(128, 128, 8, 3), cfg(64, 128, 4, 5),
                 cfg(64, 256, 8, 4), cfg(64, 64, 4, 3), cfg(64, 64, 4, 5), cfg(128, 64, 4, 4)]
+
+    @triton.jit
+    def _grouped_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        # the (row tile, column tile) of program pid. Programs run roughly in pid order, a wave of
+        # about 3 x 132 at a time on the H200; GROUP_M row tiles take their column tiles side by side,
+        # so a wave reads a few rows of a and a few columns of b, each from HBM once, and the rest from
+        # L2. (Row tiles first, over all of them, read every row of a from HBM once per column tile.)
+        first_m = pid // (GROUP_M * num_n) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % (GROUP_M * num_n)) % size_m, (pid % (GROUP_M * num_n)) // size_m
 
     @_tuned(_gemm_configs(), key=["N", "K", "B_PER_ROW"])
     @triton.jit
@@ -619,12 +629,7 @@ if HAS_TRITON:
                          B_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # c (M, N) = a (M, K) @ b (N, K)^T, one (BLOCK_M, BLOCK_N) tile per program
-        pid = tl.program_id(0)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        first_m = pid // (GROUP_M * num_n) * GROUP_M     # GROUP_M row-tiles share b's tiles in L2
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        pid_m, pid_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _promoted_mma(a_desc, b_desc, as_ptr, bs_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
@@ -633,20 +638,25 @@ if HAS_TRITON:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
-    # BLOCK_M is fixed by the tile table (row_tiles); the rest is tuned per (N, K)
-    @_tuned([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=_set_boxes)
+    # BLOCK_M is fixed by the tile table (row_tiles); the rest is tuned per (N, K). GROUP_M: 64 row
+    # tiles (4096 rows, V3's rows per local expert) side by side, where one after the other (the
+    # table's order) read each row of a once per column tile: 680-758 -> 859-880 TFLOP/s at V3's
+    # per-GPU expert shapes (32k rows, 8 experts, 7168 <-> 2048 and 4096), 16 and 32 in between,
+    # 128 slower again (its rows of a no longer fit L2; H200, 2026-12-03, a script, not bench.py)
+    @_tuned([triton.Config({"BLOCK_N": bn, "GROUP_M": 64}, num_warps=w, num_stages=st, pre_hook=_set_boxes)
              for bn, w, st in ((128, 4, 3), (128, 4, 4), (128, 4, 5), (256, 8, 4), (64, 4, 3), (64, 4, 5))],
             key=["N", "K"])
     @triton.jit
     def _fp8_gemm_rows_grouped_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr, tiles_ptr, num_tiles, num_experts,
                                       N, K, stride_cm, stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
-                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                      GROUP_M: tl.constexpr):
         # Fprop/Dgrad of the routed experts: rows of a sorted by expert, b (E, N, K) stacked and
         # seen as (E N, K) by its descriptor (a box past expert e's N rows reads e + 1's: only into
         # columns >= N, which are not stored).
         # tiles (3, num_tiles): expert, first row, end row of each tile of at most BLOCK_M rows,
         # built on the device (_group_tiles); the grid covers a bound, so some tiles are empty.
-        t, pid_n = tl.program_id(0), tl.program_id(1)
+        t, pid_n = _grouped_order(tl.program_id(0), num_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)   # t: a row tile
         e = tl.load(tiles_ptr + t)
         row0, row_end = tl.load(tiles_ptr + num_tiles + t), tl.load(tiles_ptr + 2 * num_tiles + t)
         # "expert" E owns the rows past offs[-1]: no K-blocks are summed (b[E] is never read), zeros.
@@ -662,16 +672,17 @@ if HAS_TRITON:
         mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
-    @_tuned(_gemm_configs(group_m=False, maxnreg_64x128=168), key=["M", "N"])
+    # GROUP_M 64: +7% at V3's w1/w3 Wgrad (4096 x 7168), as fast at w2's (7168 x 2048), against 1
+    @_tuned(_gemm_configs(group_m=64, maxnreg_64x128=168), key=["M", "N"])
     @triton.jit
     def _fp8_gemm_k_grouped_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr, kblocks_ptr, M, N,
                                    stride_ce, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
-                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   GROUP_M: tl.constexpr):
         # Wgrad of the routed experts: c[e] = a[:, tokens of e] @ b[:, tokens of e]^T, where each
         # expert's tokens are whole K-blocks kblocks[e] .. kblocks[e+1] (padded per expert).
-        pid, e = tl.program_id(0), tl.program_id(1)
-        num_n = tl.cdiv(N, BLOCK_N)
-        pid_m, pid_n = pid // num_n, pid % num_n
+        e = tl.program_id(1)
+        pid_m, pid_n = _grouped_order(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         k_lo, k_hi = tl.load(kblocks_ptr + e), tl.load(kblocks_ptr + e + 1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1088,7 +1099,7 @@ def fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, out_dtype=torch.bfloat16, tiles=
     tiles = row_tiles(offs, M) if tiles is None else tiles     # (3, cdiv(M, BLOCK_M) + E)
     if tiles.shape != (3, _max_tiles(M, E + 1, GROUPED_BLOCK_M)):
         raise ValueError(f"fp8: tiles {tuple(tiles.shape)} are not row_tiles(offs, M={M}) for {E} experts")
-    grid = lambda meta: (tiles.shape[1], triton.cdiv(N, meta["BLOCK_N"]))   # noqa: E731
+    grid = lambda meta: (tiles.shape[1] * triton.cdiv(N, meta["BLOCK_N"]),)   # noqa: E731
     _fp8_gemm_rows_grouped_kernel[grid](_tma(a), _tma(b.reshape(E * N, K)), c, a_s, b_s, tiles, tiles.shape[1],
                                         E, N, K, c.stride(0), a_s.stride(0), a_s.stride(1),
                                         b_s.stride(0), b_s.stride(1), b_s.stride(2), BLOCK_K=BLOCK,

@@ -809,6 +809,40 @@ def test_triton_grouped_gemms_match_loop(device, sizes, uncovered):
 
 
 @kernel_devices
+def test_grouped_gemm_kernels_cover_several_groups_of_tiles(device):
+    """The grouped kernels hand out their tiles in groups of GROUP_M row tiles (_grouped_order, for
+    L2 reuse). With more row tiles than two groups and a last group cut short, every output element
+    is still written once and right: the rows kernel over 2 x 64 + 9 tiles of 64 rows, the Wgrad
+    kernel over output rows of 2 x 64 + 1 tiles, both against the loop over experts on the same FP8
+    operands (the interpreter sums exactly: 1e-6; the GPU's 14-bit MMA: 1e-3, as for fp8_gemm)."""
+    block_m, group = fp8.GROUPED_BLOCK_M, fp8._fp8_gemm_rows_grouped_kernel.configs[0].kwargs["GROUP_M"]
+    tol = 1e-3 if device == "cuda" else 1e-6
+    sizes = [block_m * group + 5, 3, block_m * (group - 2) + 61]        # 137 tiles with the tail's
+    M, K, N = sum(sizes) + 40, 128, 256
+    offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
+    a, a_s = fp8.act_quant_ref(activations(M, K, device))
+    b, b_s = fp8.weight_quant_ref(torch.randn(len(sizes), N, K, device=device))
+    ref = fp8.fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, torch.float32)       # the loop
+    fp8.grouped_impl = "triton"
+    got = fp8.fp8_grouped_gemm_rows(a, a_s, b, b_s, offs, torch.float32)
+    assert rel(got, ref) < tol and torch.equal(got[int(offs[-1]):], torch.zeros_like(got[int(offs[-1]):]))
+    for e, (lo, hi) in enumerate(fp8._group_bounds(offs)):                    # each expert on its own
+        assert rel(got[lo:hi], ref[lo:hi]) < tol, e
+    # Wgrad: c[e] (rows x cols) over each expert's whole K-blocks of tokens
+    wgrad_group = fp8._fp8_gemm_k_grouped_kernel.configs[0].kwargs
+    rows = wgrad_group["BLOCK_M"] * (2 * wgrad_group["GROUP_M"] + 1) - 7
+    kblocks = torch.tensor([0, 1, 1, 3], device=device, dtype=torch.int32)    # expert 1: no tokens
+    dyT, dyT_s = fp8.act_quant_ref(activations(rows, 3 * fp8.BLOCK, device))
+    xT, xT_s = fp8.act_quant_ref(activations(N, 3 * fp8.BLOCK, device))
+    got = fp8.fp8_grouped_gemm_k(dyT, dyT_s, xT, xT_s, kblocks)
+    fp8.grouped_impl = "loop"
+    ref = fp8.fp8_grouped_gemm_k(dyT, dyT_s, xT, xT_s, kblocks)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    for e in (0, 2):
+        assert rel(got[e], ref[e]) < tol, e
+
+
+@kernel_devices
 @pytest.mark.parametrize("sizes, uncovered", GROUP_CASES[1:])
 def test_triton_fp8_experts_match_loop_and_ref(device, sizes, uncovered):
     """fp8_experts forward and backward on the grouped kernels against the loop path and against
@@ -1082,7 +1116,8 @@ def test_gemm_tile_leaves_room_for_three_ctas_per_sm(sm90):
     relies on three CTAs sharing an SM, some promoting while others multiply: that needs at most
     65536 / (3 x 128) = 170 registers a thread (168, as they are allocated in eights) and 3 x 72 KB
     of shared memory. With TMA loads (the copy engine fetches the operands; no thread holds their
-    addresses) the dense kernel takes 155 registers, the grouped Fprop/Dgrad 145, and the grouped
+    addresses) the dense kernel takes 155 registers, the grouped Fprop/Dgrad 157 (145 before its
+    tiles ran in groups of 64 row tiles, _grouped_order), and the grouped
     Wgrad 174, capped to 164 without spills by its config's maxnreg=168; with pointer loads they
     took 166, 166 (187 while it returned early for empty tiles) and 213, two CTAs for Wgrad. The
     PTX shows why the overlap has to come from other CTAs: each K-block's MMA is waited for
@@ -1091,9 +1126,9 @@ def test_gemm_tile_leaves_room_for_three_ctas_per_sm(sm90):
     wgrad_cfg, = [c for c in fp8._fp8_gemm_k_grouped_kernel.configs
                   if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (64, 128, 4, 3)]
     u = sm90(fp8._fp8_gemm_kernel, GEMM_PTRS, dict(tile, GROUP_M=8, B_PER_ROW=False), 4, 3)
-    g = sm90(fp8._fp8_gemm_rows_grouped_kernel, {**GEMM_PTRS, "tiles_ptr": I32_PTR}, tile, 4, 3)
-    w = sm90(fp8._fp8_gemm_k_grouped_kernel, {**GEMM_PTRS, "c_ptr": F32_PTR, "kblocks_ptr": I32_PTR}, tile, 4, 3,
-             wgrad_cfg.maxnreg)
+    g = sm90(fp8._fp8_gemm_rows_grouped_kernel, {**GEMM_PTRS, "tiles_ptr": I32_PTR}, dict(tile, GROUP_M=64), 4, 3)
+    w = sm90(fp8._fp8_gemm_k_grouped_kernel, {**GEMM_PTRS, "c_ptr": F32_PTR, "kblocks_ptr": I32_PTR},
+             dict(tile, GROUP_M=64), 4, 3, wgrad_cfg.maxnreg)
     for usage in (u, g, w):
         assert usage["regs"] <= 168 and usage["stack"] == 0 and 3 * usage["shared"] <= SMEM_LIMIT, usage["regs"]
         assert "cp.async.bulk.tensor.2d" in usage["ptx"]            # the operands arrive by TMA
