@@ -596,7 +596,7 @@ if HAS_TRITON:
         nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
         nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
-    def _gemm_configs(group_m=8, maxnreg_64x128=None):
+    def _gemm_configs(maxnreg_64x128=None):
         # On the H200 64x128, 4 warps, 3 stages wins at all three benchmark shapes (bench.py fp8,
         # 2026-12-02; 4 stages before the one-scale promotion). Each K-block's MMA is waited for
         # before its promotion (wgmma.wait_group 0 in the PTX), so the tensor cores are kept busy by
@@ -606,7 +606,7 @@ if HAS_TRITON:
         # maxnreg_64x128=168 caps it for the third CTA (164, no spills). A variant that issued block
         # k+1's MMA before promoting block k lost everywhere: Triton still waits at once.
         def cfg(bm, bn, w, st):
-            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m}
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 64}   # see _grouped_order
             cap = maxnreg_64x128 if (bm, bn, w) == (64, 128, 4) else None
             return triton.Config(meta, num_warps=w, num_stages=st, maxnreg=cap, pre_hook=_set_boxes)
         return [cfg(64, 128, 4, 3), cfg(64, 128, 4, 4), cfg(128, 128, 8, 3), cfg(64, 128, 4, 5),
@@ -614,10 +614,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _grouped_order(pid, num_m, num_n, GROUP_M: tl.constexpr):
-        # the (row tile, column tile) of program pid. Programs run roughly in pid order, a wave of
-        # about 3 x 132 at a time on the H200; GROUP_M row tiles take their column tiles side by side,
-        # so a wave reads a few rows of a and a few columns of b, each from HBM once, and the rest from
-        # L2. (Row tiles first, over all of them, read every row of a from HBM once per column tile.)
+        # the (row tile, column tile) of program pid. Programs start roughly in pid order, a wave of
+        # about 3 x 132 at a time on the H200. GROUP_M row tiles take their column tiles side by
+        # side: a wave then reads GROUP_M row tiles of a and a few column tiles of b, and each byte
+        # of a comes from HBM about once, the rest from L2. (The row tiles one after the other, all
+        # of them for one column tile before the next, read all of a from HBM once per column tile.)
+        # GROUP_M = 64 on the H200 (2026-12-03, a script over 1-128): the grouped Fprop/Dgrad
+        # kernel 680-758 -> 859-880 TFLOP/s at V3's per-GPU expert shapes (32k rows over 8 experts,
+        # 7168 <-> 2048 and 4096; 64 row tiles of 64 are one expert's 4096 rows); 128 was slower
+        # again, its rows of a no longer fitting L2. Wgrad's 4096 x 7168: 664 -> 711 (7168 x 2048:
+        # 672 both). The dense kernel at bench.py fp8's shapes, 8 -> 64: 861-869 -> 895-957.
         first_m = pid // (GROUP_M * num_n) * GROUP_M
         size_m = tl.minimum(num_m - first_m, GROUP_M)
         return first_m + (pid % (GROUP_M * num_n)) % size_m, (pid % (GROUP_M * num_n)) // size_m
@@ -638,11 +644,7 @@ if HAS_TRITON:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
-    # BLOCK_M is fixed by the tile table (row_tiles); the rest is tuned per (N, K). GROUP_M: 64 row
-    # tiles (4096 rows, V3's rows per local expert) side by side, where one after the other (the
-    # table's order) read each row of a once per column tile: 680-758 -> 859-880 TFLOP/s at V3's
-    # per-GPU expert shapes (32k rows, 8 experts, 7168 <-> 2048 and 4096), 16 and 32 in between,
-    # 128 slower again (its rows of a no longer fit L2; H200, 2026-12-03, a script, not bench.py)
+    # BLOCK_M is fixed by the tile table (row_tiles); the rest is tuned per (N, K); GROUP_M: _grouped_order
     @_tuned([triton.Config({"BLOCK_N": bn, "GROUP_M": 64}, num_warps=w, num_stages=st, pre_hook=_set_boxes)
              for bn, w, st in ((128, 4, 3), (128, 4, 4), (128, 4, 5), (256, 8, 4), (64, 4, 3), (64, 4, 5))],
             key=["N", "K"])
@@ -672,8 +674,7 @@ if HAS_TRITON:
         mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
-    # GROUP_M 64: +7% at V3's w1/w3 Wgrad (4096 x 7168), as fast at w2's (7168 x 2048), against 1
-    @_tuned(_gemm_configs(group_m=64, maxnreg_64x128=168), key=["M", "N"])
+    @_tuned(_gemm_configs(maxnreg_64x128=168), key=["M", "N"])
     @triton.jit
     def _fp8_gemm_k_grouped_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr, kblocks_ptr, M, N,
                                    stride_ce, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,

@@ -809,12 +809,13 @@ def test_triton_grouped_gemms_match_loop(device, sizes, uncovered):
 
 
 @kernel_devices
-def test_grouped_gemm_kernels_cover_several_groups_of_tiles(device):
-    """The grouped kernels hand out their tiles in groups of GROUP_M row tiles (_grouped_order, for
-    L2 reuse). With more row tiles than two groups and a last group cut short, every output element
-    is still written once and right: the rows kernel over 2 x 64 + 9 tiles of 64 rows, the Wgrad
-    kernel over output rows of 2 x 64 + 1 tiles, both against the loop over experts on the same FP8
-    operands (the interpreter sums exactly: 1e-6; the GPU's 14-bit MMA: 1e-3, as for fp8_gemm)."""
+def test_gemm_kernels_cover_several_groups_of_tiles(device):
+    """The GEMM kernels hand out their tiles in groups of GROUP_M row tiles (_grouped_order, for L2
+    reuse). With more row tiles than two groups and a last group cut short, every output element is
+    still written once and right: the grouped rows kernel over 2 x 64 + 9 tiles of 64 rows, the
+    Wgrad kernel over output rows of 2 x 64 + 1 tiles, against the loop over experts on the same FP8
+    operands, and the dense kernel over 64 + 4 row tiles against the plain twin (the interpreter
+    sums exactly: 1e-6; the GPU's 14-bit MMA: 1e-3, as for fp8_gemm)."""
     block_m, group = fp8.GROUPED_BLOCK_M, fp8._fp8_gemm_rows_grouped_kernel.configs[0].kwargs["GROUP_M"]
     tol = 1e-3 if device == "cuda" else 1e-6
     sizes = [block_m * group + 5, 3, block_m * (group - 2) + 61]        # 137 tiles with the tail's
@@ -840,6 +841,11 @@ def test_grouped_gemm_kernels_cover_several_groups_of_tiles(device):
     assert torch.equal(got[1], torch.zeros_like(got[1]))
     for e in (0, 2):
         assert rel(got[e], ref[e]) < tol, e
+    dense = fp8._fp8_gemm_kernel.configs[0].kwargs
+    a, a_s = fp8.act_quant_ref(activations(dense["BLOCK_M"] * (dense["GROUP_M"] + 4) - 3, K, device))
+    got = fp8.fp8_gemm_triton(a, a_s, b[0], b_s[0], torch.float32)
+    ref = fp8.fp8_gemm_ref(a, a_s, b[0], b_s[0], torch.float32)
+    assert rel(got, ref) < tol and rel(got[-dense["BLOCK_M"]:], ref[-dense["BLOCK_M"]:]) < tol
 
 
 @kernel_devices
@@ -1125,7 +1131,7 @@ def test_gemm_tile_leaves_room_for_three_ctas_per_sm(sm90):
     tile = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128)
     wgrad_cfg, = [c for c in fp8._fp8_gemm_k_grouped_kernel.configs
                   if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (64, 128, 4, 3)]
-    u = sm90(fp8._fp8_gemm_kernel, GEMM_PTRS, dict(tile, GROUP_M=8, B_PER_ROW=False), 4, 3)
+    u = sm90(fp8._fp8_gemm_kernel, GEMM_PTRS, dict(tile, GROUP_M=64, B_PER_ROW=False), 4, 3)
     g = sm90(fp8._fp8_gemm_rows_grouped_kernel, {**GEMM_PTRS, "tiles_ptr": I32_PTR}, dict(tile, GROUP_M=64), 4, 3)
     w = sm90(fp8._fp8_gemm_k_grouped_kernel, {**GEMM_PTRS, "c_ptr": F32_PTR, "kblocks_ptr": I32_PTR},
              dict(tile, GROUP_M=64), 4, 3, wgrad_cfg.maxnreg)
