@@ -1108,7 +1108,7 @@ def test_kernels_compile_for_hopper_without_spills(sm90):
                                         dict(BLOCK_K=128, BLOCK_M=fp8.GROUPED_BLOCK_M))
     runs["grouped k"] = _compile_all(sm90, fp8._fp8_gemm_k_grouped_kernel,
                                      {**GEMM_PTRS, "c_ptr": F32_PTR, "kblocks_ptr": I32_PTR}, dict(BLOCK_K=128))
-    assert len(runs["fp8_gemm"]) == 2 * len(fp8._fp8_gemm_kernel.configs) >= 10
+    assert len(runs["fp8_gemm"]) == 2 * len(fp8._fp8_gemm_kernel.configs) >= 6
     for name, usages in runs.items():
         for cfg, u in usages.items():
             assert u["shared"] <= SMEM_LIMIT and u["stack"] == 0 and u["regs"] <= 255, (name, cfg, u)
