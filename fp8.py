@@ -983,10 +983,11 @@ def fp8_linear(x, weight, pow2=False):
     weight may be a list of weights (N_i, K) that share the input x: the list of their outputs,
     from one quantization of x (both tilings) and of the gradients' sum, and one GEMM of
     each kind over [W_1; W_2; ...], each W_i padded to whole 128-blocks of rows."""
-    x2, ws = x.reshape(-1, x.shape[-1]), weight if isinstance(weight, (list, tuple)) else [weight]
+    one = not isinstance(weight, (list, tuple))
+    ws = [weight] if one else weight
     wgrad = torch.is_grad_enabled() and any(w.requires_grad for w in ws)
-    y = _FP8LinearFn.apply(x2, _compute_dtype(x), pow2, wgrad, *ws)           # (M, N), or (M, sum of padded N_i)
-    if ws is not weight:
+    y = _FP8LinearFn.apply(x.reshape(-1, x.shape[-1]), _compute_dtype(x), pow2, wgrad, *ws)   # (M, N), or (M, sum of padded N_i)
+    if one:
         return y.view(*x.shape[:-1], weight.shape[0])
     outs, n0 = [], 0
     for w in weight:
@@ -1510,8 +1511,8 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
                 xT, xT_s = quant_t_op(x, None, pow2_scales, _group_tiles(offs, x.shape[0])[0])
         w_fp8, w_s, wT_fp8 = weight_quant_op([w], pow2_scales)           # (E, N, K), (E, N/128, K/128), (E, K, N)
         y = grouped_gemm_op(x_fp8, x_s, w_fp8, w_s, offs, out_dtype)     # Fprop (M, N)
-        if xT is not None:
-            x_fp8 = x_s = None                                           # what Wgrad needs of x is xT
+        if xT is not None or not wgrad:
+            x_fp8 = x_s = None                  # kept only where Wgrad will re-tile it (x given in FP8)
         ctx.save_for_backward(x_fp8, x_s, xT, xT_s, wT_fp8, w_s, offs)
         ctx.pow2, ctx.dtypes = pow2_scales, (x.dtype, w.dtype)
         return y

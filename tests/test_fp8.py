@@ -812,13 +812,13 @@ def test_triton_grouped_gemms_match_loop(device, sizes, uncovered):
 def test_gemm_kernels_cover_several_groups_of_tiles(device):
     """The GEMM kernels hand out their tiles in groups of GROUP_M row tiles (_grouped_order, for L2
     reuse). With more row tiles than two groups and a last group cut short, every output element is
-    still written once and right: the grouped rows kernel over 2 x 64 + 9 tiles of 64 rows, the
-    Wgrad kernel over output rows of 2 x 64 + 1 tiles, against the loop over experts on the same FP8
+    still written once and right: the grouped rows kernel over 2 x 64 + 3 tiles of at most 64 rows
+    (130 of them real), the Wgrad kernel over output rows of 2 x 64 + 1 tiles, against the loop over experts on the same FP8
     operands, and the dense kernel over 64 + 4 row tiles against the plain twin (the interpreter
     sums exactly: 1e-6; the GPU's 14-bit MMA: 1e-3, as for fp8_gemm)."""
     block_m, group = fp8.GROUPED_BLOCK_M, fp8._fp8_gemm_rows_grouped_kernel.configs[0].kwargs["GROUP_M"]
     tol = 1e-3 if device == "cuda" else 1e-6
-    sizes = [block_m * group + 5, 3, block_m * (group - 2) + 61]        # 137 tiles with the tail's
+    sizes = [block_m * group + 5, 3, block_m * (group - 2) + 61]        # 65 + 1 + 63 tiles, + 1 of the tail
     M, K, N = sum(sizes) + 40, 128, 256
     offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
     a, a_s = fp8.act_quant_ref(activations(M, K, device))
@@ -1129,12 +1129,17 @@ def test_gemm_tile_leaves_room_for_three_ctas_per_sm(sm90):
     PTX shows why the overlap has to come from other CTAs: each K-block's MMA is waited for
     (wgmma.wait_group 0) before its promotion. A change that costs registers here costs speed."""
     tile = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128)
-    wgrad_cfg, = [c for c in fp8._fp8_gemm_k_grouped_kernel.configs
-                  if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (64, 128, 4, 3)]
-    u = sm90(fp8._fp8_gemm_kernel, GEMM_PTRS, dict(tile, GROUP_M=64, B_PER_ROW=False), 4, 3)
-    g = sm90(fp8._fp8_gemm_rows_grouped_kernel, {**GEMM_PTRS, "tiles_ptr": I32_PTR}, dict(tile, GROUP_M=64), 4, 3)
+
+    def config(kernel):  # the 64x128, 4 warps, 3 stages config, as the autotuner gets it
+        c, = [c for c in kernel.configs if (c.kwargs.get("BLOCK_M", 64), c.kwargs["BLOCK_N"], c.num_warps,
+                                            c.num_stages) == (64, 128, 4, 3)]
+        return dict(tile, GROUP_M=c.kwargs["GROUP_M"]), c.maxnreg
+    (dense, _), (rows, _), (wgrad, wgrad_reg) = (config(k) for k in (
+        fp8._fp8_gemm_kernel, fp8._fp8_gemm_rows_grouped_kernel, fp8._fp8_gemm_k_grouped_kernel))
+    u = sm90(fp8._fp8_gemm_kernel, GEMM_PTRS, dict(dense, B_PER_ROW=False), 4, 3)
+    g = sm90(fp8._fp8_gemm_rows_grouped_kernel, {**GEMM_PTRS, "tiles_ptr": I32_PTR}, rows, 4, 3)
     w = sm90(fp8._fp8_gemm_k_grouped_kernel, {**GEMM_PTRS, "c_ptr": F32_PTR, "kblocks_ptr": I32_PTR},
-             dict(tile, GROUP_M=64), 4, 3, wgrad_cfg.maxnreg)
+             wgrad, 4, 3, wgrad_reg)
     for usage in (u, g, w):
         assert usage["regs"] <= 168 and usage["stack"] == 0 and 3 * usage["shared"] <= SMEM_LIMIT, usage["regs"]
         assert "cp.async.bulk.tensor.2d" in usage["ptx"]            # the operands arrive by TMA
